@@ -1,0 +1,45 @@
+# `make train` and `make test` set up .venv by themselves; the install is redone when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torchvision (needed by open_clip) must match torch exactly; override for another platform or CUDA version.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+
+.PHONY: install train vae test test-slow test-all bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+vae: $(STAMP)
+	$(PY) train.py experiment=vae_digits $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m ldm.bench $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

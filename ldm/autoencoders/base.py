@@ -1,0 +1,37 @@
+"""What the diffusion module needs from a first-stage model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Autoencoder(nn.Module):
+    """Maps images (B, C, H, W) in [-1, 1] to latents (B, latent_channels, H / downsample, W / downsample).
+
+    `encode_posterior` returns the mean and std of q(z | x) (std 0 for a deterministic encoder), so
+    that a cache can store them and training still draws a fresh latent every step.
+    """
+
+    downsample: int
+    latent_channels: int
+
+    def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
+        mean, std = self.encode_posterior(images)
+        if not sample:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
+        return mean + std * noise.to(mean.device, mean.dtype)
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        if image_size % self.downsample:
+            raise ValueError(f"image size {image_size} is not divisible by the autoencoder's "
+                             f"downsampling factor {self.downsample}")
+        side = image_size // self.downsample
+        return (self.latent_channels, side, side)

@@ -1,0 +1,36 @@
+"""Build the parts of a run from its composed config (shared by training and sampling)."""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def build_diffusion(cfg: DictConfig):
+    """Instantiate autoencoder, conditioner, denoiser, schedule and sampler into a `LatentDiffusion`."""
+    from ldm.diffusion import LatentDiffusion
+
+    autoencoder = hydra.utils.instantiate(cfg.autoencoder)
+    return LatentDiffusion(
+        autoencoder=autoencoder,
+        conditioner=hydra.utils.instantiate(cfg.conditioner),
+        denoiser=hydra.utils.instantiate(cfg.model),
+        schedule=hydra.utils.instantiate(cfg.schedule),
+        sampler=hydra.utils.instantiate(cfg.sampler),
+        image_size=cfg.data.image_size,
+        **OmegaConf.to_container(cfg.diffusion, resolve=True),
+    )
+
+
+def build_autoencoder_training(cfg: DictConfig):
+    from ldm.autoencoders.training import AutoencoderTraining
+
+    return AutoencoderTraining(hydra.utils.instantiate(cfg.autoencoder), **OmegaConf.to_container(cfg.vae, resolve=True))
+
+
+def resolve_precision(precision: str | int) -> str | int:
+    """`auto`: bf16 autocast on GPUs that support it, full precision elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"

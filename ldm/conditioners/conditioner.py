@@ -1,0 +1,83 @@
+"""One conditioner holds a list of embedders and assembles their outputs into a `Conditioning`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm.conditioners.conditioning import Conditioning
+from ldm.conditioners.embedder import Embedder
+
+
+def cache_key(index: int, output: str) -> str:
+    """Batch key under which embedder `index`'s precomputed `output` travels (see ldm.data.cache)."""
+    return f"cond.{index}.{output}"
+
+
+class Conditioner(nn.Module):
+    """Runs each embedder on its batch key and applies condition dropout for classifier-free guidance.
+
+    Vectors of several embedders are concatenated (B, sum D); tokens are concatenated along the
+    sequence (B, sum L, D). `vector_dim` and `context_dim` are declared in the config (the
+    denoiser's config reads them) and checked here against what the embedders produce.
+    """
+
+    def __init__(self, embedders: list[Embedder] | None = None, vector_dim: int | None = None,
+                 context_dim: int | None = None):
+        super().__init__()
+        self.embedders = nn.ModuleList(embedders or [])
+        self.vector_dim = vector_dim
+        self.context_dim = context_dim
+        for embedder in self.embedders:
+            embedder.freeze_if_needed()
+        self.provides = frozenset(out for e in self.embedders for out in e.outputs)
+        for name, dim in (("vector", vector_dim), ("tokens", context_dim)):
+            if (name in self.provides) != (dim is not None):
+                key = "vector_dim" if name == "vector" else "context_dim"
+                raise ValueError(f"conditioner.{key} is {dim} but the embedders "
+                                 f"{'do' if name in self.provides else 'do not'} produce Conditioning.{name}")
+
+    @property
+    def input_keys(self) -> list[str]:
+        return [e.input_key for e in self.embedders]
+
+    def _drop_mask(self, embedder: Embedder, batch_size: int, device, force_drop: bool) -> torch.Tensor:
+        if force_drop:
+            return torch.ones(batch_size, dtype=torch.bool, device=device)
+        if self.training and embedder.drop_rate > 0:
+            return torch.rand(batch_size, device=device) < embedder.drop_rate
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+
+    def _embed(self, index: int, embedder: Embedder, batch: dict) -> dict[str, torch.Tensor]:
+        cached = {out: batch[cache_key(index, out)] for out in embedder.outputs if cache_key(index, out) in batch}
+        if cached:
+            return cached
+        return embedder(batch[embedder.input_key])
+
+    def forward(self, batch: dict, force_drop: bool = False) -> Conditioning:
+        """Encode a batch; `force_drop=True` gives the unconditional (null) condition for guidance."""
+        parts: dict[str, list[torch.Tensor]] = {"vector": [], "tokens": [], "token_mask": [], "concat": []}
+        for index, embedder in enumerate(self.embedders):
+            outputs = self._embed(index, embedder, batch)
+            first = next(iter(outputs.values()))
+            drop = self._drop_mask(embedder, first.shape[0], first.device, force_drop)
+            if drop.any():
+                null = embedder.null(first.shape[0], first.device)
+                outputs = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null[k].to(v.dtype), v)
+                           for k, v in outputs.items()}
+            for key, value in outputs.items():
+                parts[key].append(value)
+        out = Conditioning(
+            vector=torch.cat(parts["vector"], dim=-1) if parts["vector"] else None,
+            tokens=torch.cat(parts["tokens"], dim=1) if parts["tokens"] else None,
+            token_mask=torch.cat(parts["token_mask"], dim=1) if parts["token_mask"] else None,
+            concat=torch.cat(parts["concat"], dim=1) if parts["concat"] else None,
+        )
+        self._check_dim("vector_dim", self.vector_dim, out.vector)
+        self._check_dim("context_dim", self.context_dim, out.tokens)
+        return out
+
+    def _check_dim(self, name: str, declared: int | None, value: torch.Tensor | None) -> None:
+        if value is not None and declared != value.shape[-1]:
+            raise ValueError(f"conditioner.{name} is {declared} but its embedders produce "
+                             f"{value.shape[-1]}; set it to {value.shape[-1]}")

@@ -1,0 +1,59 @@
+"""scikit-learn's handwritten digits (1,797 8x8 images shipped in the package), resized for diffusion."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+NUM_VAL = 300
+SPLIT_SEED = 0
+
+
+@lru_cache(maxsize=1)
+def load_digits_8x8() -> tuple[np.ndarray, np.ndarray]:
+    """All digits as float images (N, 8, 8) in [0, 16] and labels (N,)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images.astype(np.float32), data.target.astype(np.int64)
+
+
+def split_indices(split: str) -> np.ndarray:
+    """A fixed train/validation split: the last NUM_VAL of a seeded permutation are validation."""
+    images, _ = load_digits_8x8()
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
+    if split == "train":
+        return np.sort(order[:-NUM_VAL])
+    if split == "val":
+        return np.sort(order[-NUM_VAL:])
+    raise ValueError(f"split must be 'train' or 'val', got '{split}'")
+
+
+def to_model_range(images_8x8: np.ndarray, image_size: int) -> torch.Tensor:
+    """(N, 8, 8) in [0, 16] -> (N, 1, S, S) in [-1, 1], bilinear resize."""
+    x = torch.from_numpy(images_8x8).float().unsqueeze(1) / 8.0 - 1.0
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return x.clamp(-1.0, 1.0)
+
+
+class DigitsDataset(Dataset):
+    """Items: `image` (1, S, S) in [-1, 1] and `label` (0-9)."""
+
+    num_classes = 10
+
+    def __init__(self, split: str = "train", image_size: int = 32):
+        images, labels = load_digits_8x8()
+        index = split_indices(split)
+        self.images = to_model_range(images[index], image_size)
+        self.labels = torch.from_numpy(labels[index])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i]}

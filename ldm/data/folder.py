@@ -1,0 +1,109 @@
+"""Captioned images from a folder: an imagefolder-style `metadata.jsonl`, or a `.txt` beside each image."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_NAME = "metadata.jsonl"
+
+
+def _from_metadata(root: Path, caption_key: str) -> list[tuple[Path, str]]:
+    """(image, caption) pairs from every metadata.jsonl under root; `file_name` is relative to its file."""
+    items = []
+    for metadata in sorted(root.rglob(METADATA_NAME)):
+        with open(metadata, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                where = f"{metadata}, line {number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where} is not valid JSON: {err}") from err
+                if "file_name" not in record or caption_key not in record:
+                    raise ValueError(f"{where} needs the keys 'file_name' and '{caption_key}', "
+                                     f"has {sorted(record)}")
+                items.append((metadata.parent / record["file_name"], str(record[caption_key])))
+    return items
+
+
+def _from_text_files(root: Path) -> list[tuple[Path, str]]:
+    """(image, caption) pairs from images with a same-named .txt file beside them."""
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    uncaptioned = [p for p in images if not p.with_suffix(".txt").is_file()]
+    if uncaptioned:
+        raise FileNotFoundError(f"{len(uncaptioned)} images in {root} have no caption file, e.g. "
+                                f"{uncaptioned[0].with_suffix('.txt')} is missing for {uncaptioned[0]}")
+    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+
+
+def find_items(root: str | Path, caption_key: str = "text") -> list[tuple[Path, str]]:
+    """All (image path, caption) pairs of a folder, sorted by path; checks that every image exists."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root={root} is not a directory")
+    has_metadata = any(root.rglob(METADATA_NAME))
+    items = _from_metadata(root, caption_key) if has_metadata else _from_text_files(root)
+    if not items:
+        raise ValueError(f"no captioned images in {root}: expected {METADATA_NAME} (file_name, "
+                         f"{caption_key}) or images with a .txt caption beside each")
+    missing = [path for path, _ in items if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images listed in {METADATA_NAME} are missing, "
+                                f"e.g. {missing[0]}")
+    return sorted(items, key=lambda item: str(item[0]))
+
+
+def split_items(items: list, split: str, val_fraction: float, seed: int = 0) -> list:
+    """A fixed validation share: the first ceil(n * val_fraction) of a seeded permutation."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got '{split}'")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    num_val = math.ceil(len(items) * val_fraction)
+    order = np.random.default_rng(seed).permutation(len(items))
+    chosen = order[:num_val] if split == "val" else order[num_val:]
+    return [items[i] for i in sorted(chosen)]
+
+
+class FolderDataset(Dataset):
+    """Items: `image` (3, S, S) in [-1, 1] and `caption`; resized on the shorter side, center-cropped.
+
+    `flip` (train split only) mirrors images at random; it is off by default because captions
+    that say "left" or "right" would then lie.
+    """
+
+    def __init__(self, root: str, split: str = "train", image_size: int = 64, val_fraction: float = 0.05,
+                 flip: bool = False, seed: int = 0, caption_key: str = "text"):
+        self.root = Path(root).expanduser()
+        self.items = split_items(find_items(self.root, caption_key), split, val_fraction, seed)
+        steps = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+        if flip and split == "train":
+            steps.append(v2.RandomHorizontalFlip())
+        self.transform = v2.Compose([*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize([0.5] * 3, [0.5] * 3)])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, path: Path) -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"image file is missing: {path}") from err
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise OSError(f"cannot read image {path} (corrupt or not an image): {err}") from err
+
+    def __getitem__(self, i: int) -> dict:
+        path, caption = self.items[i]
+        return {"image": self.transform(self.load(path)), "caption": caption}

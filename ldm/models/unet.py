@@ -1,0 +1,250 @@
+"""UNet denoiser of ADM (Dhariwal & Nichol, 2021) and latent diffusion (Rombach et al., 2022).
+
+An encoder of residual blocks and downsamplings, a middle block, and a decoder that upsamples and
+joins the encoder's features through skip connections. Attention runs where the current
+downsampling factor is in `attention_resolutions`: spatial transformers with cross-attention to
+text tokens when `context_dim` is set, plain self-attention otherwise.
+
+Every block takes `(x, emb, context, mask)` and ignores what it does not need, so that a stage of
+blocks runs (and is checkpointed) uniformly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ldm.conditioners.conditioning import Conditioning
+from ldm.models.contract import check_conditioning, consumed_fields
+from ldm.models.layers import (
+    Attention,
+    FeedForward,
+    TimestepEmbedder,
+    broadcast_time,
+    run_layer,
+    vector_embedder,
+    zero_init,
+)
+
+
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    if channels % 32:
+        raise ValueError(f"model=UNet uses GroupNorm with 32 groups: {channels} channels "
+                         f"is not a multiple of 32")
+    return nn.GroupNorm(32, channels, eps=eps)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm; the embedding enters as a scale-shift of the second norm
+    (ADM, `use_scale_shift_norm`) or as an added bias (SD 1.x). The output conv starts at zero."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0,
+                 use_scale_shift_norm: bool = True):
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(group_norm(in_channels), nn.SiLU(),
+                                       nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_norm = group_norm(out_channels)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
+                                        zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context=None, mask=None) -> torch.Tensor:
+        h = self.in_layers(x)
+        emb = self.emb_layers(emb)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + emb)
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Plain spatial self-attention (ADM): GroupNorm, attention over all pixels, zero-init output."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.attn = Attention(channels, num_heads, zero_out=True)
+
+    def forward(self, x: torch.Tensor, emb=None, context=None, mask=None) -> torch.Tensor:
+        h = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        h = rearrange(self.attn(h), "b (h w) c -> b c h w", h=x.shape[-2])
+        return x + h
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the context tokens, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, num_heads, qkv_bias=False)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=False)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, glu=True, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's transformer on feature maps: GroupNorm, 1x1 conv in, transformer blocks over pixels,
+    zero-initialized 1x1 conv out, residual."""
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int, depth: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.norm = group_norm(channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(channels, num_heads, context_dim, dropout) for _ in range(depth))
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, emb=None, context=None, mask=None) -> torch.Tensor:
+        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        for block in self.blocks:
+            h = block(h, context, mask)
+        h = rearrange(h, "b (h w) c -> b c h w", h=x.shape[-2])
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution, halving the resolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb=None, context=None, mask=None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour doubling, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, emb=None, context=None, mask=None) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """ADM / LDM UNet; `forward(x, t, cond)` returns a tensor of x's shape.
+
+    `channel_mult` sets the width of each resolution level; `attention_resolutions` lists the
+    downsampling factors (1, 2, 4, ...) that get attention. Heads: `num_head_channels` (> 0) fixes
+    the width of a head, else `num_heads` fixes their number.
+    """
+
+    def __init__(self, in_channels: int = 4, out_channels: int | None = None, channels: int = 128,
+                 channel_mult: list[int] = (1, 2, 4), num_res_blocks: int = 2,
+                 attention_resolutions: list[int] = (2, 4), num_heads: int = 4, num_head_channels: int = -1,
+                 vector_dim: int | None = None, context_dim: int | None = None, concat_channels: int = 0,
+                 input_size: int | list[int] | None = None, time_scale: float = 1000.0,
+                 gradient_checkpointing: bool = False, transformer_depth: int = 1, dropout: float = 0.0,
+                 use_scale_shift_norm: bool = True):
+        super().__init__()
+        self.factor = 2 ** (len(channel_mult) - 1)
+        if input_size is not None:
+            self._check_size(*((input_size, input_size) if isinstance(input_size, int) else input_size))
+        self.out_channels = out_channels or in_channels
+        self.concat_channels = concat_channels
+        self.gradient_checkpointing = gradient_checkpointing
+        self.consumes = consumed_fields(vector_dim, context_dim, concat_channels)
+        attention_resolutions = set(attention_resolutions)
+
+        def heads(width: int) -> int:
+            count = width // num_head_channels if num_head_channels > 0 else num_heads
+            if width % count or (num_head_channels > 0 and width % num_head_channels):
+                raise ValueError(f"model=UNet: {width} channels do not split into heads "
+                                 f"(num_heads={num_heads}, num_head_channels={num_head_channels})")
+            return count
+
+        def attention(width: int) -> nn.Module:
+            if context_dim:
+                return SpatialTransformer(width, heads(width), context_dim, transformer_depth, dropout)
+            return AttentionBlock(width, heads(width))
+
+        def res_block(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, dropout, use_scale_shift_norm)
+
+        emb_dim = 4 * channels
+        self.time_embed = TimestepEmbedder(emb_dim, channels, time_scale)
+        self.vector_embed = vector_embedder(vector_dim, emb_dim) if vector_dim else None
+        self.conv_in = nn.Conv2d(in_channels + concat_channels, channels, 3, padding=1)
+
+        # encoder: each stage's output is kept for a skip connection
+        self.down_stages = nn.ModuleList()
+        skip_widths, width, factor = [channels], channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                stage = [res_block(width, channels * mult)]
+                width = channels * mult
+                if factor in attention_resolutions:
+                    stage.append(attention(width))
+                self.down_stages.append(nn.ModuleList(stage))
+                skip_widths.append(width)
+            if level < len(channel_mult) - 1:
+                self.down_stages.append(nn.ModuleList([Downsample(width)]))
+                skip_widths.append(width)
+                factor *= 2
+
+        self.middle = nn.ModuleList([res_block(width, width), attention(width), res_block(width, width)])
+
+        # decoder: one more block per level than the encoder, to take the downsampling's skip too
+        self.up_stages = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for index in range(num_res_blocks + 1):
+                stage = [res_block(width + skip_widths.pop(), channels * mult)]
+                width = channels * mult
+                if factor in attention_resolutions:
+                    stage.append(attention(width))
+                if level > 0 and index == num_res_blocks:
+                    stage.append(Upsample(width))
+                    factor //= 2
+                self.up_stages.append(nn.ModuleList(stage))
+
+        self.out = nn.Sequential(group_norm(width), nn.SiLU(),
+                                 zero_init(nn.Conv2d(width, self.out_channels, 3, padding=1)))
+
+    def _check_size(self, height: int, width: int) -> None:
+        if height % self.factor or width % self.factor:
+            raise ValueError(f"model=UNet with {self.factor.bit_length()} levels halves the latents "
+                             f"{self.factor.bit_length() - 1} times: {height}x{width} is not divisible "
+                             f"by {self.factor}")
+
+    def _run(self, stage: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, cond: Conditioning):
+        for layer in stage:
+            h = run_layer(layer, h, emb, cond.tokens, cond.token_mask,
+                          checkpointing=self.gradient_checkpointing)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        cond = Conditioning() if cond is None else cond
+        check_conditioning(self, cond.present())
+        self._check_size(*x.shape[-2:])
+        emb = self.time_embed(broadcast_time(t, x.shape[0], x.device))  # (B, 4 * channels)
+        if self.vector_embed is not None:
+            emb = emb + self.vector_embed(cond.vector)
+        if self.concat_channels:
+            x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down_stages:
+            h = self._run(stage, h, emb, cond)
+            skips.append(h)
+        h = self._run(self.middle, h, emb, cond)
+        for stage in self.up_stages:
+            h = self._run(stage, torch.cat([h, skips.pop()], dim=1), emb, cond)
+        return self.out(h)

@@ -1,0 +1,19 @@
+"""Samplers (config group `sampler`): generic over the parameterization contract; and guidance."""
+
+from ldm.samplers.base import Sampler
+from ldm.samplers.ddpm import DDPMSampler
+from ldm.samplers.dpmpp_2m import DPMSolverPP2M
+from ldm.samplers.euler import Euler
+from ldm.samplers.euler_ancestral import EulerAncestral
+from ldm.samplers.guidance import classifier_free_guidance
+from ldm.samplers.heun import Heun
+
+__all__ = [
+    "DDPMSampler",
+    "DPMSolverPP2M",
+    "Euler",
+    "EulerAncestral",
+    "Heun",
+    "Sampler",
+    "classifier_free_guidance",
+]

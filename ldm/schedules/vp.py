@@ -1,0 +1,65 @@
+"""The shared data row of the discrete variance-preserving methods (ddpm, v, x0)."""
+
+from __future__ import annotations
+
+import torch
+
+from ldm.schedules.base import Parameterization
+from ldm.schedules.beta_schedules import alphas_cumprod
+from ldm.schedules.loss_weights import check_loss_weighting, min_snr_weight
+from ldm.schedules.time_samplers import discrete_t
+
+Tensor = torch.Tensor
+
+
+class VPSchedule(Parameterization):
+    """alpha = sqrt(alphas_cumprod), sigma = sqrt(1 - alphas_cumprod), at t = (k + 1) / N for level k.
+
+    Between levels alpha and sigma are interpolated linearly: exact at every level in any dtype,
+    alpha = 1 and sigma = 0 at t = 0, and well defined when the last level has alpha = 0. In between,
+    alpha^2 + sigma^2 departs from 1 by at most 2e-4 (in the first interval, scaled_linear).
+    """
+
+    def __init__(
+        self,
+        beta_schedule: str = "linear",
+        num_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+    ):
+        self.beta_schedule = beta_schedule
+        self.num_timesteps = num_timesteps
+        self.zero_terminal_snr = zero_terminal_snr
+        self.loss_weighting = check_loss_weighting(loss_weighting)
+        self.min_snr_gamma = min_snr_gamma
+        self.alphas_cumprod = alphas_cumprod(beta_schedule, num_timesteps, zero_terminal_snr)
+        # Tables over t = 0, 1/N, ..., 1, the t = 0 entry being clean data.
+        self._alpha = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod.sqrt()])
+        self._sigma = torch.cat([torch.zeros(1, dtype=torch.float64), (1 - self.alphas_cumprod).sqrt()])
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        position = t.clamp(0, 1) * self.num_timesteps
+        lower = position.floor().long().clamp(max=self.num_timesteps - 1)
+        frac = position - lower
+        table = dict(device=t.device, dtype=t.dtype)
+        alpha, sigma = self._alpha.to(**table), self._sigma.to(**table)
+        return (
+            torch.lerp(alpha[lower], alpha[lower + 1], frac),
+            torch.lerp(sigma[lower], sigma[lower + 1], frac),
+        )
+
+    def timesteps(self, n: int) -> Tensor:
+        """n evenly spaced levels, the noisiest (k = N - 1, t = 1) included, then 0."""
+        if not 1 <= n <= self.num_timesteps:
+            raise ValueError(f"timesteps needs 1 <= n <= num_timesteps={self.num_timesteps}, got {n}")
+        levels = torch.round(torch.linspace(self.num_timesteps, 0, n + 1, dtype=torch.float64))
+        return levels / self.num_timesteps
+
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        return discrete_t(batch_size, self.num_timesteps, generator)
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        if self.loss_weighting == "none":
+            return torch.ones_like(t)
+        return min_snr_weight(*self.alpha_sigma(t), *self.model_row(t), self.min_snr_gamma)

@@ -1,0 +1,92 @@
+"""`train(cfg)`: the whole training run, callable from `train.py` or directly from tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.build import build_autoencoder_training, build_diffusion, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None) -> list:
+    """Callbacks / loggers are configured as a mapping name -> config; null entries are switched off."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """`resume: auto` continues from this run directory's last.ckpt when one exists (a requeued job)."""
+    if cfg.resume in (None, False):
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(cfg.resume).is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+    return str(cfg.resume)
+
+
+def data_identity(data_cfg: DictConfig) -> dict:
+    """The part of the data config that determines the data itself (what the cache key hashes)."""
+    loading = {"batch_size", "val_batch_size", "num_workers", "cache", "cache_dir"}
+    return {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in loading}
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train the configured task; returns the best validation loss (the metric a sweeper optimizes)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    loggers = _instantiate_group(cfg.get("logger"))
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False,
+        precision=resolve_precision(cfg.trainer.get("precision", "auto")),
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.task == "autoencoder":
+        module = build_autoencoder_training(cfg)
+    else:
+        module = build_diffusion(cfg).to(trainer.strategy.root_device)
+        datamodule.setup("fit")
+        datamodule.attach_cache(module.autoencoder, module.conditioner, data_identity(cfg.data), module.device)
+        module.measure_latent_stats(datamodule.train_dataloader())
+        log.info("latent scale %.4f, shift %.4f", module.latent_scale.item(), module.latent_shift.item())
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+
+    if trainer.is_global_zero:
+        finish(cfg, trainer, module, run_dir)
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    if best is None:
+        best = trainer.callback_metrics.get("val/loss")
+    print(f"run directory: {run_dir.resolve()}")
+    return float(best) if best is not None else None
+
+
+def finish(cfg: DictConfig, trainer: L.Trainer, module, run_dir: Path) -> None:
+    """After fit (EMA weights are in the module now): final artifacts of the run."""
+    if cfg.task == "autoencoder":
+        for path in module.export(run_dir):
+            log.info("saved autoencoder weights to %s", path)
+        return
+    grid = next((cb for cb in trainer.callbacks if hasattr(cb, "render")), None)
+    if grid is not None:
+        path = grid.render(trainer, module, "final")
+        log.info("final sample grid: %s", path)
+

@@ -1,0 +1,70 @@
+"""Shared test helpers: compose the real configs with Hydra's compose API."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import ldm  # noqa: F401  (registers the config resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# small, fast settings shared by tests that really train
+TINY = [
+    "trainer.accelerator=cpu",
+    "data.batch_size=32",
+    "data.cache=false",
+    "model.depth=2",
+    "diffusion.sample_steps=2",
+    "diffusion.warmup_steps=0",
+    "callbacks.sample_grid.per_row=2",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None, name: str = "train") -> DictConfig:
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides) + extra)
+
+
+def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int | None = None):
+    """Run train.py / sample.py as a user would; returns the CompletedProcess (raises on failure)."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="1")
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One short real training run (csv logger), shared by the tests that need a finished run."""
+    from ldm.training import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config(TINY + ["logger=csv", "trainer.max_steps=60", "trainer.val_check_interval=20"], out)
+    _save_config(cfg, out)
+    train(cfg)
+    return out
+
+
+def _save_config(cfg: DictConfig, out: Path) -> None:
+    """What Hydra writes for a real run, so sample.py can rebuild it from the directory alone."""
+    from omegaconf import OmegaConf
+
+    (out / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
