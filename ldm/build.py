@@ -26,7 +26,8 @@ def build_diffusion(cfg: DictConfig):
 def build_autoencoder_training(cfg: DictConfig):
     from ldm.autoencoders.training import AutoencoderTraining
 
-    return AutoencoderTraining(hydra.utils.instantiate(cfg.autoencoder), **OmegaConf.to_container(cfg.vae, resolve=True))
+    settings = OmegaConf.to_container(cfg.vae, resolve=True)
+    return AutoencoderTraining(hydra.utils.instantiate(cfg.autoencoder), **settings)
 
 
 def resolve_precision(precision: str | int) -> str | int:

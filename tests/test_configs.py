@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hydra
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import CONF, compose_config
+from omegaconf import OmegaConf
 
 GROUPS = ["data", "autoencoder", "conditioner", "model", "schedule", "sampler", "trainer", "callbacks", "logger",
           "experiment", "hparams_search", "launcher", "debug"]
@@ -25,13 +24,13 @@ def test_option_composes(group, option, tmp_path):
     cfg = compose_config([f"{group}={option}"], tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["paths"]["output_dir"] == str(tmp_path)
-    if group in ("schedule", "sampler", "conditioner", "autoencoder") or (group == "model" and (group, option) not in LARGE):
-        if group == "autoencoder" or option in ("clip_text", "class_text"):
-            return  # pretrained weights: built (from local files) in their own tests
+    # pretrained text towers need their weight files; they are built in tests/test_text.py
+    buildable = {"schedule", "sampler", "conditioner", "model"}
+    if group in buildable and (group, option) not in LARGE and option not in ("clip_text", "class_text"):
         assert hydra.utils.instantiate(cfg[group]) is not None
 
 
 def test_sample_config_composes(tmp_path):
     cfg = compose_config(["run=" + str(tmp_path), "sampler=dpmpp_2m", "guidance=3"], name="sample")
-    assert cfg.sampler._target_.endswith("DPMPlusPlus2M") or "dpmpp" in cfg.sampler._target_.lower()
+    assert cfg.sampler._target_ == "ldm.samplers.DPMSolverPP2M"
     assert cfg.guidance == 3

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
-
 from conftest import TINY, compose_config
-from ldm.training import train
+from PIL import Image
 from wandb_log import history
+
+from ldm.training import train
 
 SHORT = TINY + ["trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.log_every_n_steps=5"]
 

@@ -6,8 +6,8 @@ import csv
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, compose_config, run_script
+
 from ldm.training import train
 
 PAIRINGS = [(m, s, a) for m in ("dit", "unet") for s in ("flow", "ddpm", "v", "x0", "edm", "trig")

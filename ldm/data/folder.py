@@ -84,6 +84,8 @@ class FolderDataset(Dataset):
 
     def __init__(self, root: str, split: str = "train", image_size: int = 64, val_fraction: float = 0.05,
                  flip: bool = False, seed: int = 0, caption_key: str = "text"):
+        if root is None:
+            raise ValueError("data=folder needs the image folder: add root=DIR (or data.root=DIR)")
         self.root = Path(root).expanduser()
         self.items = split_items(find_items(self.root, caption_key), split, val_fraction, seed)
         steps = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]

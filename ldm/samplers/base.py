@@ -20,6 +20,12 @@ def intervals(times: Tensor, x: Tensor):
         yield batch_time(times[i], x), batch_time(times[i + 1], x)
 
 
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Unit noise shaped like x, drawn on the generator's device (a CPU generator works for CUDA x)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def step_with_x0(p: Parameterization, x: Tensor, x0: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
     """x_next = alpha' x0 + sigma' (x - alpha x0) / sigma: p.step when x0 is the model's own x0_hat.
 

@@ -5,7 +5,7 @@ mean = r (sigma_s / sigma_t) x_t + alpha_s (1 - r^2) x0,  variance = sigma_s^2 (
 which for VP is DDPM's posterior with variance beta-tilde.
 """
 
-from ldm.samplers.base import Sampler, intervals
+from ldm.samplers.base import Sampler, intervals, randn_like
 from ldm.schedules.base import expand_as
 
 
@@ -27,6 +27,6 @@ class DDPMSampler(Sampler):
         for t, t_next in intervals(times, x):
             x0, _ = p.to_x0_noise(x, model_fn(x, t), t)
             coef_x, coef_x0, std = posterior(p, t, t_next)
-            z = x.new_empty(x.shape).normal_(generator=generator)
+            z = randn_like(x, generator)
             x = expand_as(coef_x, x) * x + expand_as(coef_x0, x) * x0 + expand_as(std, x) * z
         return x

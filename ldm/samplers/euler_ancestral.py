@@ -4,7 +4,7 @@ x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) noise_hat + c z, c = eta * posterio
 q(x_s | x_t, x0). eta = 0 is Euler (DDIM); eta = 1 samples the same posterior as `ddpm`.
 """
 
-from ldm.samplers.base import Sampler, intervals
+from ldm.samplers.base import Sampler, intervals, randn_like
 from ldm.samplers.ddpm import posterior
 from ldm.schedules.base import expand_as
 
@@ -22,6 +22,6 @@ class EulerAncestral(Sampler):
             alpha_next, sigma_next = p.alpha_sigma(t_next)
             fresh = self.eta * posterior(p, t, t_next)[2]
             kept = (sigma_next**2 - fresh**2).clamp(min=0).sqrt()
-            z = x.new_empty(x.shape).normal_(generator=generator)
+            z = randn_like(x, generator)
             x = expand_as(alpha_next, x) * x0 + expand_as(kept, x) * noise + expand_as(fresh, x) * z
         return x
