@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train vae test test-slow test-all bench lint clean
+.PHONY: install train vae vae-shapes test test-slow test-all bench lint clean
 
 install: $(STAMP)
 
@@ -24,7 +24,10 @@ train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
 vae: $(STAMP)
-	$(PY) train.py experiment=vae_digits $(ARGS)
+	$(PY) train.py experiment=vae_digits vae.export_path=ldm/autoencoders/weights/digits_vae.safetensors $(ARGS)
+
+vae-shapes: $(STAMP)
+	$(PY) train.py experiment=vae_shapes vae.export_path=ldm/autoencoders/weights/shapes_vae.safetensors $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -18,10 +18,6 @@ from ldm.samplers.guidance import classifier_free_guidance
 VAL_SEED = 12345
 
 
-def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return coef.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
-
-
 class LatentDiffusion(L.LightningModule):
     def __init__(self, autoencoder: Autoencoder, conditioner: Conditioner, denoiser: nn.Module, schedule,
                  sampler, image_size: int, lr: float = 3e-4, weight_decay: float = 0.0,
@@ -91,8 +87,7 @@ class LatentDiffusion(L.LightningModule):
         return self.denoiser(x_in, t_in, cond)
 
     def diffusion_loss(self, z0, noise, t, cond) -> torch.Tensor:
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        x_t = _expand(alpha, z0) * z0 + _expand(sigma, z0) * noise
+        x_t = self.schedule.noised(z0, noise, t)
         pred = self.predict(x_t, t, cond).float()
         target = self.schedule.target(z0, noise, t).float()
         per_sample = (pred - target).pow(2).flatten(1).mean(1)

@@ -39,6 +39,6 @@ def test_tensorboard_logs_scalars_and_images(tmp_path):
 
 
 def test_no_logger_still_checkpoints(tmp_path):
-    train(compose_config(SHORT + ["logger=null"], tmp_path))
+    train(compose_config(SHORT + ["logger=none"], tmp_path))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "samples" / "final.png").is_file()

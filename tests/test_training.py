@@ -17,7 +17,7 @@ PAIRINGS = [(m, s, a) for m in ("dit", "unet") for s in ("flow", "ddpm", "v", "x
 @pytest.mark.parametrize("model,schedule,autoencoder", PAIRINGS, ids=["-".join(p) for p in PAIRINGS])
 def test_fast_dev_run(model, schedule, autoencoder, tmp_path):
     overrides = TINY + [f"model={model}", f"schedule={schedule}", f"autoencoder={autoencoder}", "debug=fdr",
-                        "logger=null"]
+                        "logger=none"]
     if model == "unet":
         overrides = [o for o in overrides if not o.startswith("model.depth")]
     if autoencoder == "identity" and model == "dit":
@@ -48,7 +48,7 @@ def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
 
     run = tmp_path / "resumed"
     shutil.copytree(trained_run, run)
-    cfg = compose_config(TINY + ["logger=null", "trainer.max_steps=80", "trainer.val_check_interval=20"], run)
+    cfg = compose_config(TINY + ["logger=none", "trainer.max_steps=80", "trainer.val_check_interval=20"], run)
     train(cfg)
     import torch
 
@@ -58,7 +58,7 @@ def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
 
 def test_multirun_makes_two_run_directories(tmp_path):
     sweep = tmp_path / "sweep"
-    run_script("train.py", "-m", "seed=1,2", "debug=fdr", "logger=null", "data.cache=false", "model.depth=1",
+    run_script("train.py", "-m", "seed=1,2", "debug=fdr", "logger=none", "data.cache=false", "model.depth=1",
                "data.batch_size=16", f"hydra.sweep.dir={sweep}", "trainer.accelerator=cpu")
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra" / "config.yaml").is_file())
     assert [p.name for p in runs] == ["0", "1"]
