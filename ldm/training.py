@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,6 +53,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = hydra.utils.instantiate(cfg.data)
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False,
         precision=resolve_precision(cfg.trainer.get("precision", "auto")),
@@ -72,6 +75,10 @@ def train(cfg: DictConfig) -> float | None:
 
     if trainer.is_global_zero:
         finish(cfg, trainer, module, run_dir)
+    for logger in loggers:  # close runs that stay open (wandb): flushes them, and the next multirun job starts anew
+        close = getattr(getattr(logger, "experiment", None), "finish", None)
+        if callable(close):
+            close()
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if best is None:
         best = trainer.callback_metrics.get("val/loss")

@@ -52,6 +52,10 @@ class Conditioner(nn.Module):
         cached = {out: batch[cache_key(index, out)] for out in embedder.outputs if cache_key(index, out) in batch}
         if cached:
             return cached
+        if embedder.input_key not in batch:
+            name = f"conditioner.embedders.{index} ({type(embedder).__name__})"
+            raise KeyError(f"{name} reads batch['{embedder.input_key}'], but the batch only has {sorted(batch)}: "
+                           "pick a conditioner that fits the data")
         return embedder(batch[embedder.input_key])
 
     def forward(self, batch: dict, force_drop: bool = False) -> Conditioning:
