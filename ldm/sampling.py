@@ -87,5 +87,4 @@ def sample(cfg: DictConfig) -> Path:
     per_row = run_cfg.data.get("num_classes") or 10
     grid = save_png(make_grid(images[: per_row * 10], per_row), out.with_suffix(".png"), upscale=2)
     log.info("wrote %d samples to %s (grid %s)", len(images), out, grid)
-    print(f"wrote {out} and {grid}")
     return out
