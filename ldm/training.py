@@ -8,8 +8,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.build import build_autoencoder_training, build_diffusion, resolve_precision
@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> float | None:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
 
+    save_last_checkpoint(trainer)
     if trainer.is_global_zero:
         finish(cfg, trainer, module, run_dir)
     for logger in loggers:  # close runs that stay open (wandb): flushes them, and the next multirun job starts anew
@@ -84,6 +85,17 @@ def train(cfg: DictConfig) -> float | None:
         best = trainer.callback_metrics.get("val/loss")
     print(f"run directory: {run_dir.resolve()}")
     return float(best) if best is not None else None
+
+
+def save_last_checkpoint(trainer: L.Trainer) -> None:
+    """Fit can stop between validations (max_time, a max_steps off the interval): keep last.ckpt current.
+
+    Every rank calls it (saving is a collective under sharded strategies)."""
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is None or trainer.fast_dev_run or checkpoint.dirpath is None:
+        return
+    if getattr(checkpoint, "_last_global_step_saved", -1) != trainer.global_step:
+        trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
 
 
 def finish(cfg: DictConfig, trainer: L.Trainer, module, run_dir: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hydra
 import pytest
 import torch
-
 from conftest import compose_config
+
 from ldm.build import build_diffusion
 from ldm.training import data_identity
 
