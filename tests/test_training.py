@@ -64,3 +64,11 @@ def test_multirun_makes_two_run_directories(tmp_path):
     assert [p.name for p in runs] == ["0", "1"]
     seeds = [(p / ".hydra" / "overrides.yaml").read_text() for p in runs]
     assert "seed=1" in seeds[0] and "seed=2" in seeds[1]
+
+
+def test_last_checkpoint_is_the_final_step_between_validations(tmp_path):
+    import torch
+
+    train(compose_config(TINY + ["logger=none", "trainer.max_steps=30", "trainer.val_check_interval=20"], tmp_path))
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 30
