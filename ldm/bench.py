@@ -2,8 +2,9 @@
 
     python -m ldm.bench [--steps 20] [--batch-size 128] [--threads N]
 
-Pairs: the offline cache against encoding every step (data=digits, and data=shapes with a frozen
-text tower), and the small DiT against the small UNet. Each pair alternates its two members step by
+Pairs: the offline cache against encoding every step (data=digits; data=shapes with the small
+frozen text tower of experiment=shapes_text, and with a ViT-B-32-size one), and the small DiT
+against the small UNet. Each pair alternates its two members step by
 step, so both see the same machine load.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
     if args.threads:
         torch.set_num_threads(args.threads)
     common = [f"data.batch_size={args.batch_size}", "logger=none"]
@@ -75,9 +78,13 @@ def main() -> None:
     with TemporaryDirectory() as cache_dir:
         compare("digits, latent DiT: cache", ("no cache", ["data.cache=false"]), ("cache", ["data.cache=true"]),
                 args.steps, common, cache_dir)
-        text = ["experiment=shapes_text"]
+        # a small shapes set: building the cache runs the frozen tower over every caption once
+        text = ["experiment=shapes_text", "data.train.num_samples=512", "data.val.num_samples=64"]
         compare("shapes, frozen text tower: cache", ("no cache", text + ["data.cache=false"]),
                 ("cache", text + ["data.cache=true"]), args.steps, common, cache_dir)
+        big_text = text + ["conditioner=clip_text", "conditioner.embedders.0.pretrained=null"]
+        compare("shapes, ViT-B-32 text tower: cache", ("no cache", big_text + ["data.cache=false"]),
+                ("cache", big_text + ["data.cache=true"]), args.steps, common, cache_dir)
         compare("digits denoiser", ("unet", ["model=unet", "data.cache=true"]), ("dit", ["data.cache=true"]),
                 args.steps, common, cache_dir)
 
