@@ -29,6 +29,9 @@ TINY = [
     "diffusion.sample_steps=2",
     "diffusion.warmup_steps=0",
     "callbacks.sample_grid.per_row=2",
+    # short runs: an EMA that starts at once and follows quickly, so validation sees training progress
+    "callbacks.ema.update_starting_at_step=0",
+    "callbacks.ema.decay=0.9",
 ]
 
 
