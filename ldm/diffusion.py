@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ldm.autoencoders.base import Autoencoder
+from ldm.autoencoders.base import Autoencoder, sample_posterior
 from ldm.conditioners import Conditioner, Conditioning
 from ldm.models import check_conditioning
 from ldm.samplers.guidance import classifier_free_guidance
@@ -66,10 +66,7 @@ class LatentDiffusion(L.LightningModule):
     def _raw_latents(self, batch: dict, sample: bool = True, generator=None) -> torch.Tensor:
         if "latent_mean" in batch:  # from the offline cache: draw a fresh posterior sample every step
             mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
-            if not sample:
-                return mean
-            noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
-            return mean + std * noise.to(mean)
+            return sample_posterior(mean, std, generator) if sample else mean
         with torch.no_grad():
             return self.autoencoder.encode(batch["image"].to(self.device), sample=sample, generator=generator)
 

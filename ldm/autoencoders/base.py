@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None):
+    """mean + std * unit noise, the noise drawn on the generator's device (a CPU generator works for CUDA)."""
+    device = generator.device if generator is not None else mean.device
+    return mean + std * torch.randn(mean.shape, generator=generator, device=device).to(mean)
+
+
 class Autoencoder(nn.Module):
     """Maps images (B, C, H, W) in [-1, 1] to latents (B, latent_channels, H / downsample, W / downsample).
 
@@ -24,10 +30,7 @@ class Autoencoder(nn.Module):
 
     def encode(self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
         mean, std = self.encode_posterior(images)
-        if not sample:
-            return mean
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
-        return mean + std * noise.to(mean.device, mean.dtype)
+        return sample_posterior(mean, std, generator) if sample else mean
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         if image_size % self.downsample:

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ldm.autoencoders.base import sample_posterior
 from ldm.autoencoders.kl import KLAutoencoder
 
 
@@ -24,7 +25,7 @@ class AutoencoderTraining(L.LightningModule):
 
     def _losses(self, images: torch.Tensor, sample: bool) -> dict[str, torch.Tensor]:
         mean, std = self.autoencoder.encode_posterior(images)
-        z = mean + std * torch.randn_like(mean) if sample else mean
+        z = sample_posterior(mean, std) if sample else mean
         recon = self.autoencoder.decode(z)
         rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
         kl = 0.5 * (mean.pow(2) + std.pow(2) - 1.0 - 2.0 * torch.log(std.clamp_min(1e-12))).mean()
