@@ -72,3 +72,13 @@ def test_last_checkpoint_is_the_final_step_between_validations(tmp_path):
     train(compose_config(TINY + ["logger=none", "trainer.max_steps=30", "trainer.val_check_interval=20"], tmp_path))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 30
+
+
+def test_autoencoder_stage_trains_and_exports(tmp_path):
+    from ldm.autoencoders.kl import KLAutoencoder
+
+    train(compose_config(["experiment=vae_digits", "logger=none", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                          "data.batch_size=16", "trainer.accelerator=cpu"], tmp_path))
+    assert list((tmp_path / "samples").glob("recon_*.png"))
+    exported = KLAutoencoder(channels=16, channel_mult=[1, 2], weights=str(tmp_path / "autoencoder.safetensors"))
+    assert exported.latent_shape(32) == (4, 8, 8)
