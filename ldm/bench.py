@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 
 import ldm  # noqa: F401  (registers the config resolvers)
 from ldm.build import build_diffusion
-from ldm.training import data_identity
+from ldm.data.cache import data_identity
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

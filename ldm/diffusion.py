@@ -63,15 +63,15 @@ class LatentDiffusion(L.LightningModule):
         self.latent_scale.fill_(scale.item())
         self.latent_stats_ready.fill_(True)
 
-    def _raw_latents(self, batch: dict, sample: bool = True, generator=None) -> torch.Tensor:
+    def _raw_latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
         if "latent_mean" in batch:  # from the offline cache: draw a fresh posterior sample every step
             mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
-            return sample_posterior(mean, std, generator) if sample else mean
+            return sample_posterior(mean, std) if sample else mean
         with torch.no_grad():
-            return self.autoencoder.encode(batch["image"].to(self.device), sample=sample, generator=generator)
+            return self.autoencoder.encode(batch["image"].to(self.device), sample=sample)
 
-    def latents(self, batch: dict, sample: bool = True, generator=None) -> torch.Tensor:
-        return (self._raw_latents(batch, sample, generator) - self.latent_shift) * self.latent_scale
+    def latents(self, batch: dict, sample: bool = True) -> torch.Tensor:
+        return (self._raw_latents(batch, sample) - self.latent_shift) * self.latent_scale
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -119,8 +119,8 @@ class LatentDiffusion(L.LightningModule):
     # ---- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, conditions: dict, n: int, sampler=None, steps: int | None = None, guidance: float | None = None,
-               guidance_rescale: float = 0.0, guidance_interval=None, generator: torch.Generator | None = None,
-               return_latents: bool = False) -> torch.Tensor:
+               guidance_rescale: float = 0.0, guidance_interval=None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw `n` images in [-1, 1] for a batch of conditions (labels, captions, ...)."""
         sampler = sampler or self.sampler
         steps = steps or self.sample_steps
@@ -135,4 +135,4 @@ class LatentDiffusion(L.LightningModule):
                             device=generator.device if generator else self.device).to(self.device)
         z = sampler(model_fn, noise, self.schedule, steps, generator=generator)
         self.train(was_training)
-        return z if return_latents else self.decode(z)
+        return self.decode(z)

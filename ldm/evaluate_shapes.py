@@ -5,15 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from ldm.data.shapes import BACKGROUND, PALETTE, POSITION_CENTERS, parse_caption
+from ldm.images import to_uint8  # noqa: F401  (model-range samples to the uint8 images judged here)
 
 # RGB distance from the background above which a pixel belongs to the shape; the palette is >= 150 away
 FOREGROUND_THRESHOLD = 75.0
-
-
-def to_uint8(images) -> np.ndarray:
-    """Model-range samples (N, 3, H, W) in [-1, 1], tensor or array, to uint8 (N, H, W, 3)."""
-    images = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, dtype=np.float32)
-    return np.round((images.clip(-1.0, 1.0) + 1.0) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def foreground_mask(images: np.ndarray) -> np.ndarray:

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1], tensor or array -> (N, H, W, C) uint8."""
+    x = ((torch.as_tensor(images).detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 

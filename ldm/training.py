@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.build import build_autoencoder_training, build_diffusion, resolve_precision
+from ldm.data.cache import data_identity
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,6 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     if not Path(cfg.resume).is_file():
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
     return str(cfg.resume)
-
-
-def data_identity(data_cfg: DictConfig) -> dict:
-    """The part of the data config that determines the data itself (what the cache key hashes)."""
-    loading = {"batch_size", "val_batch_size", "num_workers", "cache", "cache_dir"}
-    return {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in loading}
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -8,7 +8,7 @@ import torch
 from conftest import compose_config
 
 from ldm.build import build_diffusion
-from ldm.training import data_identity
+from ldm.data.cache import data_identity
 
 TEXT = ["experiment=shapes_text", "data.train.num_samples=96", "data.val.num_samples=32", "model.depth=1"]
 

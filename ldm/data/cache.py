@@ -21,6 +21,14 @@ from ldm.conditioners.conditioner import Conditioner, cache_key
 log = logging.getLogger(__name__)
 
 
+def data_identity(data_cfg) -> dict:
+    """The part of a data config that determines the data itself (what the cache key hashes)."""
+    from omegaconf import OmegaConf
+
+    loading = {"batch_size", "val_batch_size", "num_workers", "cache", "cache_dir"}
+    return {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in loading}
+
+
 def _hash_module(digest, module: torch.nn.Module) -> None:
     digest.update(type(module).__qualname__.encode())
     for name, tensor in sorted(module.state_dict().items()):
