@@ -8,17 +8,25 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def build_diffusion(cfg: DictConfig):
-    """Instantiate autoencoder, conditioner, denoiser, schedule and sampler into a `LatentDiffusion`."""
+    """Instantiate autoencoder, conditioner, denoiser, schedule, sampler and optimizer into a `LatentDiffusion`."""
     from ldm.diffusion import LatentDiffusion
 
-    autoencoder = hydra.utils.instantiate(cfg.autoencoder)
+    # frozen parts without a weight file (a random text tower, a fresh VAE) must come out the same
+    # whenever the run is rebuilt, so they are drawn from the run's seed, apart from the global stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        autoencoder = hydra.utils.instantiate(cfg.autoencoder)
+        conditioner = hydra.utils.instantiate(cfg.conditioner)
     return LatentDiffusion(
         autoencoder=autoencoder,
-        conditioner=hydra.utils.instantiate(cfg.conditioner),
+        conditioner=conditioner,
         denoiser=hydra.utils.instantiate(cfg.model),
         schedule=hydra.utils.instantiate(cfg.schedule),
         sampler=hydra.utils.instantiate(cfg.sampler),
         image_size=cfg.data.image_size,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        seed=cfg.seed,
         **OmegaConf.to_container(cfg.diffusion, resolve=True),
     )
 

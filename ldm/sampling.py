@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.build import build_diffusion
+from ldm.checkpoint import load_checkpoint
 from ldm.images import make_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "last", device: str | torch.device = "cpu"):
-    """The run's config and its LatentDiffusion with the checkpoint's (EMA) weights."""
+    """The run's config and its LatentDiffusion with the checkpoint's EMA weights (raw ones before the EMA started)."""
     run_dir = Path(run_dir)
     config_path = run_dir / ".hydra" / "config.yaml"
     if not config_path.is_file():
@@ -40,9 +41,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str | torch.
     if cfg.get("task", "diffusion") != "diffusion":
         raise ValueError(f"{run_dir} is a task={cfg.task} run; sampling needs a diffusion run")
     module = build_diffusion(cfg)
-    # the EMA callback stores the averaged weights as the checkpoint's state_dict
-    state = torch.load(find_checkpoint(run_dir, checkpoint), map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state)
+    module.load_checkpoint(load_checkpoint(find_checkpoint(run_dir, checkpoint)), ema=True)
     return cfg, module.to(device).eval()
 
 

@@ -1,7 +1,13 @@
-"""`train(cfg)`: the whole training run, callable from `train.py` or directly from tests."""
+"""`train(cfg)`: one training run, callable from `train.py` or directly from tests.
+
+What a run shares whatever it trains (trainer, loggers, checkpoints, resume) lives here; what it
+trains is a task (`task: diffusion | autoencoder`), a module with `prepare(cfg, datamodule, device)`
+returning the LightningModule and `finish(cfg, trainer, module, run_dir)` for its final artifacts.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -9,13 +15,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.build import build_autoencoder_training, build_diffusion, resolve_precision
-from ldm.data.cache import data_identity
+from ldm.build import resolve_precision
+from ldm.callbacks.last_checkpoint import LAST
+from ldm.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
+
+TASKS = {"diffusion": "ldm.diffusion_task", "autoencoder": "ldm.autoencoders.task"}
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -25,82 +34,69 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    """`resume: auto` continues from this run directory's last.ckpt when one exists (a requeued job)."""
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int | None]:
+    """The checkpoint to continue from and its step: `resume: auto` takes this run directory's last.ckpt."""
     if cfg.resume in (None, False):
-        return None
-    if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(cfg.resume).is_file():
-        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
-    return str(cfg.resume)
+        return None, None
+    path = run_dir / "checkpoints" / LAST if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not path.is_file():
+        return None, None
+    try:
+        step = load_checkpoint(path)["global_step"]
+    except CheckpointError as err:
+        raise CheckpointError(f"resume={cfg.resume}: {err}") from err
+    return str(path), int(step)
+
+
+def task_module(name: str):
+    if name not in TASKS:
+        raise ValueError(f"task={name} is not a task; use one of {', '.join(TASKS)}")
+    return importlib.import_module(TASKS[name])
 
 
 def train(cfg: DictConfig) -> float | None:
     """Train the configured task; returns the best validation loss (the metric a sweeper optimizes)."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    task = task_module(cfg.task)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
+    resume_path, resume_step = resume_checkpoint(cfg, run_dir)
 
     datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.shuffle_seed = cfg.seed
     loggers = _instantiate_group(cfg.get("logger"))
+    for logger in loggers:  # a resumed run continues its logs from the checkpoint's step
+        if hasattr(logger, "resume_step"):
+            logger.resume_step = resume_step
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False,
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
         precision=resolve_precision(cfg.trainer.get("precision", "auto")),
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    if cfg.task == "autoencoder":
-        module = build_autoencoder_training(cfg)
-    else:
-        module = build_diffusion(cfg).to(trainer.strategy.root_device)
-        datamodule.setup("fit")
-        datamodule.attach_cache(module.autoencoder, module.conditioner, data_identity(cfg.data), module.device)
-        module.measure_latent_stats(datamodule.train_dataloader())
-        log.info("latent scale %.4f, shift %.4f", module.latent_scale.item(), module.latent_shift.item())
+    module = task.prepare(cfg, datamodule, trainer.strategy.root_device)
+    if resume_path:
+        log.info("resuming from %s (step %d)", resume_path, resume_step)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
-
-    save_last_checkpoint(trainer)
     if trainer.is_global_zero:
-        finish(cfg, trainer, module, run_dir)
+        task.finish(cfg, trainer, module, run_dir)
     for logger in loggers:  # close runs that stay open (wandb): flushes them, and the next multirun job starts anew
         close = getattr(getattr(logger, "experiment", None), "finish", None)
         if callable(close):
             close()
-    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    print(f"run directory: {run_dir.resolve()}")
+    return best_metric(trainer)
+
+
+def best_metric(trainer: L.Trainer) -> float | None:
+    best = next((cb.best_model_score for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
     if best is None:
         best = trainer.callback_metrics.get("val/loss")
-    print(f"run directory: {run_dir.resolve()}")
     return float(best) if best is not None else None
-
-
-def save_last_checkpoint(trainer: L.Trainer) -> None:
-    """Fit can stop between validations (max_time, a max_steps off the interval): keep last.ckpt current.
-
-    Every rank calls it (saving is a collective under sharded strategies)."""
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is None or trainer.fast_dev_run or checkpoint.dirpath is None:
-        return
-    if getattr(checkpoint, "_last_global_step_saved", -1) != trainer.global_step:
-        trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
-
-
-def finish(cfg: DictConfig, trainer: L.Trainer, module, run_dir: Path) -> None:
-    """After fit (EMA weights are in the module now): final artifacts of the run."""
-    if cfg.task == "autoencoder":
-        for path in module.export(run_dir):
-            log.info("saved autoencoder weights to %s", path)
-        return
-    grid = next((cb for cb in trainer.callbacks if hasattr(cb, "render")), None)
-    if grid is not None:
-        path = grid.render(trainer, module, "final")
-        log.info("final sample grid: %s", path)
-

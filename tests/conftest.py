@@ -27,7 +27,7 @@ TINY = [
     "data.cache=false",
     "model.depth=2",
     "diffusion.sample_steps=2",
-    "diffusion.warmup_steps=0",
+    "lr_scheduler.warmup_steps=0",
     "callbacks.sample_grid.per_row=2",
     # short runs: an EMA that starts at once and follows quickly, so validation sees training progress
     "callbacks.ema.update_starting_at_step=0",

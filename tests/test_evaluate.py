@@ -1,12 +1,15 @@
-"""The digits metric: a classifier trained only on real digits, applied to sample files."""
+"""Sample metrics: the digits classifier, and the CLI that picks an evaluation by a sample file's content."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ldm.data.digits import DigitsDataset
-from ldm.evaluate import digits_accuracy, evaluate_file, real_digits_accuracy
+from ldm.data.shapes import ShapesDataset
+from ldm.evaluate import evaluate_file
+from ldm.evaluation.digits import digits_accuracy, real_digits_accuracy
 from ldm.images import to_uint8
 
 
@@ -28,3 +31,19 @@ def test_unconditional_samples_cannot_be_scored(tmp_path):
     np.savez(tmp_path / "u.npz", images=np.zeros((2, 32, 32, 1), np.uint8), labels=np.full(2, -1))
     with pytest.raises(ValueError, match="unconditional"):
         evaluate_file(str(tmp_path / "u.npz"))
+
+
+def test_prompted_samples_are_judged_as_shapes(tmp_path):
+    items = [ShapesDataset("val", num_samples=8)[i] for i in range(8)]
+    images = to_uint8(torch.stack([item["image"] for item in items]))
+    captions = [item["caption"] for item in items]
+    np.savez(tmp_path / "real.npz", images=images, prompts=np.array(captions))
+    assert evaluate_file(str(tmp_path / "real.npz")) == {"color": 1.0, "position": 1.0, "both": 1.0, "n": 8}
+    np.savez(tmp_path / "wrong.npz", images=images, prompts=np.array(captions[1:] + captions[:1]))
+    assert evaluate_file(str(tmp_path / "wrong.npz"))["both"] < 1.0
+
+
+def test_file_of_unknown_content_is_refused(tmp_path):
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 32, 32, 1), np.uint8))
+    with pytest.raises(ValueError, match="neither `prompts` nor `labels`"):
+        evaluate_file(str(tmp_path / "x.npz"))

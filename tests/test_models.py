@@ -5,9 +5,9 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import OmegaConf
 
-import ldm  # noqa: F401  (registers the floordiv resolver)
 from ldm.conditioners.class_embedder import ClassEmbedder
 from ldm.conditioners.conditioning import Conditioning
 from ldm.models import DiT, UNet, check_conditioning
@@ -28,18 +28,17 @@ def one_thread():
 
 def compose(name: str, image_size=32, downsample=4, latent_channels=4, vector_dim=None, context_dim=None,
             **overrides):
-    """Instantiate conf/model/<name>.yaml with the keys it interpolates from other groups."""
-    cfg = OmegaConf.create({
-        "data": {"image_size": image_size},
-        "autoencoder": {"downsample": downsample, "latent_channels": latent_channels},
-        "conditioner": {"vector_dim": vector_dim, "context_dim": context_dim},
-    })
-    cfg.model = OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), overrides)
+    """Instantiate the preset model=<name> (its defaults list applied) with the keys it interpolates."""
+    settings = {"data.image_size": image_size, "autoencoder.downsample": downsample,
+                "autoencoder.latent_channels": latent_channels, "conditioner.vector_dim": vector_dim,
+                "conditioner.context_dim": context_dim} | {f"model.{key}": value for key, value in overrides.items()}
+    cfg = compose_config([f"model={name}"] + [f"{key}={'null' if value is None else value}"
+                                              for key, value in settings.items()])
     return hydra.utils.instantiate(cfg.model)
 
 
 def count(*modules) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
+    return sum(parameter.numel() for module in modules for parameter in module.parameters())
 
 
 # ---------------------------------------------------------------- tiny models with every condition
@@ -82,8 +81,8 @@ def inputs(model, seed=0):
 def perturb(model, scale=0.05, seed=1):
     """Move every parameter off its initial value (zero-initialized layers included)."""
     g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g))
+    for parameter in model.parameters():
+        parameter.add_(scale * torch.randn(parameter.shape, generator=g))
     return model
 
 
@@ -206,7 +205,8 @@ def test_gradients_reach_every_parameter(name):
     model = perturb(BUILDERS[name]())
     x, t, cond = inputs(model)
     model(x, t, cond).square().mean().backward()
-    starved = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    starved = [key for key, parameter in model.named_parameters()
+               if parameter.grad is None or not parameter.grad.abs().sum() > 0]
     assert not starved
 
 
@@ -219,7 +219,7 @@ def test_bf16_autocast_forward_backward_finite(name):
         out = model(x, t, cond)
     out.float().square().mean().backward()
     assert torch.isfinite(out).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(parameter.grad).all() for parameter in model.parameters())
 
 
 def _checkpointed_modules(model):
@@ -236,7 +236,7 @@ def _train_step(model, x, t, cond):
     out.square().mean().backward()
     for handle in handles:
         handle.remove()
-    return out.detach(), [p.grad.clone() for p in model.parameters()], len(calls)
+    return out.detach(), [parameter.grad.clone() for parameter in model.parameters()], len(calls)
 
 
 @pytest.mark.parametrize("name", ["dit", "unet"])
@@ -265,4 +265,4 @@ def test_cuda_bf16(name):
         out = model(x, t, cond)
     out.float().square().mean().backward()
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(parameter.grad).all() for parameter in model.parameters())

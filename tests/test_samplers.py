@@ -1,22 +1,23 @@
 """Samplers against an exact model of Gaussian data, where the right answer is known."""
 
-from pathlib import Path
-
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import CONF, compose_config
 
-from ldm.samplers import DDPMSampler, DPMSolverPP2M, Euler, EulerAncestral, Heun
-from ldm.samplers.error_table import gaussian_problem, main, sampler_error
-from ldm.samplers.exact import Gaussian, GaussianMixture, perfect_model
+from ldm.samplers import Ancestral, DPMSolverPP2M, Euler, EulerAncestral, Heun
+from ldm.samplers.error_table import main
+from ldm.samplers.exact import Gaussian, GaussianMixture, gaussian_problem, perfect_model
+from ldm.samplers.w2 import sampler_error
 from ldm.schedules import RectifiedFlow, VPrediction
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ALIASES = {("sampler", "ddpm")}  # old names that compose to another option; tested in test_sampler_aliases
 
 
 def load(group: str) -> dict:
-    return {p.stem: hydra.utils.instantiate(OmegaConf.load(p)) for p in sorted((CONF / group).glob("*.yaml"))}
+    """Every option of a config group, built from the composed config as train.py builds it."""
+    names = [p.stem for p in sorted((CONF / group).glob("*.yaml")) if (group, p.stem) not in ALIASES]
+    return {name: hydra.utils.instantiate(compose_config([f"{group}={name}"])[group]) for name in names}
 
 
 SCHEDULES, SAMPLERS = load("schedule"), load("sampler")
@@ -30,7 +31,7 @@ DATA = gaussian_problem()  # 4-D, mean in [-0.6, 0.8], covariance eigenvalues 0.
 # errors: mean <= 0.014, covariance <= 0.075). Ancestral samplers lose O(1 / steps) of the variance:
 # about 10% of S at 100 steps (observed: mean <= 0.03, covariance <= 0.19, EDM being the worst),
 # and under 0.05 at 400 steps (the slow test).
-STEPS = {"euler": 100, "heun": 25, "dpmpp_2m": 50, "ddpm": 100, "euler_ancestral": 100}
+STEPS = {"euler": 100, "heun": 25, "dpmpp_2m": 50, "ancestral": 100, "euler_ancestral": 100}
 N_SAMPLES = 20_000
 MEAN_TOL = 0.05
 COV_TOL = {"deterministic": 0.12, "stochastic": 0.25}
@@ -68,10 +69,10 @@ def test_exact_posterior_means():
     )
 
 
-def run(sampler, p, steps, n=N_SAMPLES, seed=0):
+def run(sampler, p, steps, n=N_SAMPLES, seed=0, callback=None):
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    return sampler(perfect_model(DATA, p), noise, p, steps, generator=g)
+    return sampler(perfect_model(DATA, p), noise, p, steps, generator=g, callback=callback)
 
 
 def assert_reproduces_gaussian(out, mean_tol, cov_tol):
@@ -93,7 +94,7 @@ def test_reproduces_gaussian_data(sampler_name, p_name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("p_name", SCHEDULES)
-@pytest.mark.parametrize("sampler", [DDPMSampler(), EulerAncestral(eta=0.5)], ids=["ddpm", "ancestral_0.5"])
+@pytest.mark.parametrize("sampler", [Ancestral(), EulerAncestral(eta=0.5)], ids=["ancestral", "euler_ancestral_0.5"])
 def test_ancestral_samplers_converge(sampler, p_name):
     assert_reproduces_gaussian(run(sampler, SCHEDULES[p_name], 400), MEAN_TOL, 0.1)
 
@@ -117,14 +118,14 @@ def test_second_order_samplers_beat_euler(p_name):
 @pytest.mark.parametrize("p_name", ["flow", "ddpm", "edm"])
 def test_stochastic_error_shrinks_with_steps(p_name):
     p = SCHEDULES[p_name]
-    errors = [sampler_error(DDPMSampler(), p, DATA, n, n_samples=N_SAMPLES) for n in (5, 25)]
+    errors = [sampler_error(Ancestral(), p, DATA, n, n_samples=N_SAMPLES) for n in (5, 25)]
     assert errors[0] > 2 * errors[1], errors
 
 
-def test_euler_ancestral_spans_euler_and_ddpm():
+def test_euler_ancestral_spans_euler_and_ancestral():
     p = RectifiedFlow()
     torch.testing.assert_close(run(EulerAncestral(eta=0.0), p, 10, n=64), run(Euler(), p, 10, n=64))
-    torch.testing.assert_close(run(EulerAncestral(eta=1.0), p, 10, n=64), run(DDPMSampler(), p, 10, n=64))
+    torch.testing.assert_close(run(EulerAncestral(eta=1.0), p, 10, n=64), run(Ancestral(), p, 10, n=64))
     assert not torch.allclose(run(EulerAncestral(eta=0.5), p, 10, n=64), run(Euler(), p, 10, n=64))
 
 
@@ -175,3 +176,42 @@ def test_float32_sampling_stays_finite_and_on_target(sampler_name, p_name):
     out = sampler(perfect_model(data, p), noise, p, 20, generator=torch.Generator().manual_seed(1))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out.mean(0) - data.mean).norm() < 0.15
+
+
+def test_sampler_aliases():
+    """`sampler=ddpm`, the old name of `ancestral`, composes to the same sampler."""
+    old, new = compose_config(["sampler=ddpm"]).sampler, compose_config(["sampler=ancestral"]).sampler
+    assert old == new and isinstance(hydra.utils.instantiate(old), Ancestral)
+
+
+@pytest.mark.parametrize("p_name", ["flow", "edm", "v_ztsnr"])
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_callback_sees_every_step(sampler_name, p_name):
+    """callback({"i", "t", "x", "x0"}) once per step: the step's time, its x_t and the model's x0_hat there."""
+    sampler, p, steps = SAMPLERS[sampler_name], SCHEDULES[p_name], 5
+    calls, seen = [], []
+
+    def model_fn(x, t):
+        pred = perfect_model(DATA, p)(x, t)
+        calls.append((x.clone(), t.clone(), pred))
+        return pred
+
+    noise = torch.randn(8, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sampler(model_fn, noise, p, steps, generator=torch.Generator().manual_seed(1), callback=seen.append)
+    times = p.timesteps(steps).double()
+    assert [info["i"] for info in seen] == list(range(steps))
+    for info in seen:
+        i, t, x, x0 = info["i"], info["t"], info["x"], info["x0"]
+        assert t.shape == (8,) and (t == times[i]).all()
+        # the network call that started this step: same time, same x_t
+        start = [c for c in calls if (c[1] == t).all() and torch.equal(c[0], x)]
+        assert len(start) == 1, f"step {i}: no network call at its t with its x"
+        torch.testing.assert_close(x0, p.to_x0_noise(x, start[0][2], t)[0])
+    _, sigma_start = p.alpha_sigma(times[:1])
+    torch.testing.assert_close(seen[0]["x"], sigma_start * noise)
+    torch.testing.assert_close(out, seen[-1]["x0"])  # the last step lands on its x0_hat (t_next = 0)
+
+
+def test_callback_is_optional_and_changes_nothing():
+    p, sampler = SCHEDULES["flow"], SAMPLERS["dpmpp_2m"]
+    torch.testing.assert_close(run(sampler, p, 8, n=64), run(sampler, p, 8, n=64, callback=lambda info: None))

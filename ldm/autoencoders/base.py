@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.config import latent_size
+from ldm.noise import randn
+
 
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None):
     """mean + std * unit noise, the noise drawn on the generator's device (a CPU generator works for CUDA)."""
-    device = generator.device if generator is not None else mean.device
-    return mean + std * torch.randn(mean.shape, generator=generator, device=device).to(mean)
+    # drawn in float32 and then cast, so a seed gives the same latents whatever the precision
+    return mean + std * randn(mean.shape, generator, device=mean.device).to(mean.dtype)
 
 
 class Autoencoder(nn.Module):
@@ -33,8 +36,5 @@ class Autoencoder(nn.Module):
         return sample_posterior(mean, std, generator) if sample else mean
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-        if image_size % self.downsample:
-            raise ValueError(f"image size {image_size} is not divisible by the autoencoder's "
-                             f"downsampling factor {self.downsample}")
-        side = image_size // self.downsample
+        side = latent_size(image_size, self.downsample)
         return (self.latent_channels, side, side)

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ldm.autoencoders.base import Autoencoder
+from ldm.files import atomic_write
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -103,7 +104,8 @@ class KLAutoencoder(Autoencoder):
 
     def save_weights(self, path: str | Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"config": json.dumps(self.config)})
+        with atomic_write(path) as handle:
+            handle.write(save(state, metadata={"config": json.dumps(self.config)}))
 
     def load_weights(self, weights: str | Path) -> None:
         path = resolve_weights(weights)

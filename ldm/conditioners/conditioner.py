@@ -7,6 +7,13 @@ from torch import nn
 
 from ldm.conditioners.conditioning import Conditioning
 from ldm.conditioners.embedder import Embedder
+from ldm.noise import generator_device
+from ldm.data.batch import cached_outputs
+
+
+def _uniform(size: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """U(0, 1) draws on the generator's device, returned on `device`."""
+    return torch.rand(size, generator=generator, device=generator_device(generator, device)).to(device)
 
 
 def cache_key(index: int, output: str) -> str:
@@ -23,8 +30,13 @@ class Conditioner(nn.Module):
     """
 
     def __init__(self, embedders: list[Embedder] | None = None, vector_dim: int | None = None,
-                 context_dim: int | None = None):
+                 context_dim: int | None = None, drop_rate: float = 0.0):
         super().__init__()
+        if not 0.0 <= drop_rate <= 1.0:
+            raise ValueError(f"conditioner.drop_rate must be in [0, 1], got {drop_rate}")
+        # drop_rate drops the whole condition at once (what guidance's unconditional branch sees);
+        # each embedder's own drop_rate drops its part alone on top of that
+        self.drop_rate = drop_rate
         self.embedders = nn.ModuleList(embedders or [])
         self.vector_dim = vector_dim
         self.context_dim = context_dim
@@ -41,15 +53,17 @@ class Conditioner(nn.Module):
     def input_keys(self) -> list[str]:
         return [e.input_key for e in self.embedders]
 
-    def _drop_mask(self, embedder: Embedder, batch_size: int, device, force_drop: bool) -> torch.Tensor:
-        if force_drop:
-            return torch.ones(batch_size, dtype=torch.bool, device=device)
-        if self.training and embedder.drop_rate > 0:
-            return torch.rand(batch_size, device=device) < embedder.drop_rate
-        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    def frozen_parts(self) -> dict[str, nn.Module]:
+        """Embedders whose weights never change in training, by their name in this module."""
+        return {f"embedders.{i}": e for i, e in enumerate(self.embedders) if not e.trainable}
+
+    def _bernoulli(self, rate: float, batch_size: int, device, generator: torch.Generator | None) -> torch.Tensor:
+        if not self.training or rate <= 0:
+            return torch.zeros(batch_size, dtype=torch.bool, device=device)
+        return _uniform(batch_size, generator, device) < rate
 
     def _embed(self, index: int, embedder: Embedder, batch: dict) -> dict[str, torch.Tensor]:
-        cached = {out: batch[cache_key(index, out)] for out in embedder.outputs if cache_key(index, out) in batch}
+        cached = cached_outputs(batch, index, embedder.outputs)
         if cached:
             return cached
         if embedder.input_key not in batch:
@@ -58,15 +72,23 @@ class Conditioner(nn.Module):
                            "pick a conditioner that fits the data")
         return embedder(batch[embedder.input_key])
 
-    def forward(self, batch: dict, force_drop: bool = False) -> Conditioning:
+    def forward(self, batch: dict, force_drop: bool = False, generator: torch.Generator | None = None
+                ) -> Conditioning:
         """Encode a batch; `force_drop=True` gives the unconditional (null) condition for guidance."""
         parts: dict[str, list[torch.Tensor]] = {"vector": [], "tokens": [], "token_mask": [], "concat": []}
+        whole = None
         for index, embedder in enumerate(self.embedders):
             outputs = self._embed(index, embedder, batch)
             first = next(iter(outputs.values()))
-            drop = self._drop_mask(embedder, first.shape[0], first.device, force_drop)
+            size, device = first.shape[0], first.device
+            if whole is None:
+                whole = self._bernoulli(self.drop_rate, size, device, generator)
+            if force_drop:
+                drop = torch.ones(size, dtype=torch.bool, device=device)
+            else:
+                drop = whole | self._bernoulli(embedder.drop_rate, size, device, generator)
             if drop.any():
-                null = embedder.null(first.shape[0], first.device)
+                null = embedder.null(size, device)
                 outputs = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null[k].to(v.dtype), v)
                            for k, v in outputs.items()}
             for key, value in outputs.items():

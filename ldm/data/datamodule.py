@@ -6,22 +6,29 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.data.order import EpochShuffle
+
 
 class DataModule(L.LightningDataModule):
     """Wraps a train and a validation dataset whose items are dicts (`image`, and `label`/`caption`/...)."""
 
-    def __init__(self, train: Dataset, val: Dataset, batch_size: int = 128, num_workers: int = 0,
-                 num_classes: int | None = None, val_batch_size: int | None = None, cache: bool = False,
-                 cache_dir: str = ".cache/ldm", **shared):
-        # `shared` holds the values the data config states once for its datasets and for other groups
-        # (image_size, channels, seed, root, ...): the datasets arrive built, so nothing here reads them
+    def __init__(self, train: Dataset, val: Dataset, image_size: int, channels: int, num_classes: int | None = None,
+                 batch_size: int = 128, num_workers: int = 0, val_batch_size: int | None = None,
+                 cache: bool = False, cache_dir: str = ".cache/ldm", seed: int | None = None,
+                 root: str | None = None, val_fraction: float | None = None, flip: bool = False):
+        # image_size, channels, seed, root, val_fraction and flip are stated once in the data config for its
+        # datasets and other groups to interpolate; the datasets arrive built. They are named here, not
+        # taken as **kwargs, so that a misspelled or unknown data key is an error instead of being ignored.
         super().__init__()
+        self.image_size, self.channels = image_size, channels
         self.cache, self.cache_dir = cache, cache_dir
         self.train_set, self.val_set = train, val
         self.num_classes = num_classes
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
         self._grids: dict[int, tuple[dict, int]] = {}
+        self.shuffle_seed = 0  # the run's seed (set by training): the data order of every epoch follows from it
+        self._resume_at: tuple[int, int] | None = None
 
     def attach_cache(self, autoencoder, conditioner, data_config: dict, device="cpu") -> None:
         """With `cache: true`, swap both splits for their cached versions (built once, then read)."""
@@ -30,13 +37,14 @@ class DataModule(L.LightningDataModule):
         from ldm.data.cache import cached_dataset
 
         self.train_set, self.val_set = (
-            cached_dataset(dataset, split, data_config, autoencoder, conditioner, self.cache_dir, device=device)
+            cached_dataset(dataset, split, data_config, autoencoder, conditioner, self.cache_dir,
+                           num_workers=self.num_workers, device=device)
             for dataset, split in ((self.train_set, "train"), (self.val_set, "val"))
         )
         self._grids.clear()
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+    def _loader(self, dataset: Dataset, batch_size: int, sampler=None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=sampler is not None,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
@@ -44,10 +52,25 @@ class DataModule(L.LightningDataModule):
         if len(self.train_set) < self.batch_size:
             raise ValueError(f"the training set has {len(self.train_set)} items, fewer than "
                              f"data.batch_size={self.batch_size}")
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        order = EpochShuffle(len(self.train_set), self.shuffle_seed)
+        if self._resume_at is not None:
+            order.resume_at(*self._resume_at)
+        return self._loader(self.train_set, self.batch_size, sampler=order)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.val_batch_size)
+
+    # the data position travels in checkpoints, so a resumed run continues mid-epoch with the same batches
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": trainer.current_epoch, "items_done": done * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_at = (state["epoch"], state["items_done"])
 
     def grid_conditions(self, per_row: int) -> tuple[dict, int]:
         """Conditions for a sample grid and how many samples: one row per class, plus validation captions.

@@ -55,5 +55,9 @@ class DigitsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def metadata(self, i: int) -> dict:
+        """The item without its image (what training from the cache reads)."""
+        return {"label": self.labels[i]}
+
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": self.labels[i]}
+        return {"image": self.images[i], **self.metadata(i)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -88,11 +90,30 @@ class FolderDataset(Dataset):
             raise ValueError("data=folder needs the image folder: add root=DIR (or data.root=DIR)")
         self.root = Path(root).expanduser()
         self.items = split_items(find_items(self.root, caption_key), split, val_fraction, seed)
-        steps = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-        if flip and split == "train":
-            steps.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose([*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+        self.flip = bool(flip) and split == "train"
+        self.transform = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                                     v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                                      v2.Normalize([0.5] * 3, [0.5] * 3)])
+        self.random_flip = v2.RandomHorizontalFlip()
+
+    @property
+    def augmentations(self) -> dict[str, bool]:
+        """Random augmentations by their data-config key, and whether each is on (the cache checks them)."""
+        return {"flip": self.flip}
+
+    def without_augmentation(self) -> FolderDataset:
+        """The same items, never flipped (the cache stores both variants itself)."""
+        plain = copy.copy(self)
+        plain.flip = False
+        return plain
+
+    def content_fingerprint(self) -> str:
+        """Hash of every image's name, size and modification time, and every caption (the cache key uses it)."""
+        digest = hashlib.sha256()
+        for path, caption in self.items:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{caption}\0".encode())
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -106,6 +127,12 @@ class FolderDataset(Dataset):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise OSError(f"cannot read image {path} (corrupt or not an image): {err}") from err
 
+    def metadata(self, i: int) -> dict:
+        """The item without its image (what training from the cache reads)."""
+        return {"caption": self.items[i][1]}
+
     def __getitem__(self, i: int) -> dict:
-        path, caption = self.items[i]
-        return {"image": self.transform(self.load(path)), "caption": caption}
+        image = self.transform(self.load(self.items[i][0]))
+        if self.flip:
+            image = self.random_flip(image)
+        return {"image": image, **self.metadata(i)}

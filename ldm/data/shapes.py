@@ -142,6 +142,10 @@ class ShapesDataset(Dataset):
         center_xy = (float(center[0]), float(center[1]))
         return draw(a["shape"], a["color"], center_xy, float(radius), self.image_size)
 
+    def metadata(self, i: int) -> dict:
+        """The item without its image (what training from the cache reads)."""
+        return {"caption": self.caption(i), **self.attributes_of(i)}
+
     def __getitem__(self, i: int) -> dict:
         image = torch.from_numpy(self.image_uint8(i)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"image": image, "caption": self.caption(i), **self.attributes_of(i)}
+        return {"image": image, **self.metadata(i)}

@@ -153,5 +153,6 @@ class DiT(nn.Module):
             tokens = run_layer(block, tokens, c, cond.tokens, cond.token_mask,
                                checkpointing=self.gradient_checkpointing)
         patches = self.final_layer(tokens, c)
-        p = self.patch_size
-        return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=self.input_size[0] // p, p=p, q=p)
+        patch = self.patch_size
+        return rearrange(patches, "b (h w) (ph pw c) -> b c (h ph) (w pw)",
+                         h=self.input_size[0] // patch, ph=patch, pw=patch)

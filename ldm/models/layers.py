@@ -13,8 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a module's parameters, so that a residual branch starts as the identity."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
     return module
 
 

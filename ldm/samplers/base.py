@@ -1,12 +1,17 @@
-"""What every sampler shares: the time grid, the starting point, and the data-prediction update."""
+"""What every sampler shares: the time grid, the starting point, and the per-step callback."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from ldm.schedules.base import Parameterization, expand_as
 
 Tensor = torch.Tensor
+
+# callback({"i": step index, "t": (B,) time, "x": x_t, "x0": x0_hat}), once per step, before the update.
+Callback = Callable[[dict], None]
 
 
 def batch_time(t: Tensor, x: Tensor) -> Tensor:
@@ -15,31 +20,21 @@ def batch_time(t: Tensor, x: Tensor) -> Tensor:
 
 
 def intervals(times: Tensor, x: Tensor):
-    """Consecutive (t, t_next) of the grid, each as a (B,) batch time."""
+    """(i, t, t_next) for each step of the grid, the times as (B,) batch times."""
     for i in range(len(times) - 1):
-        yield batch_time(times[i], x), batch_time(times[i + 1], x)
+        yield i, batch_time(times[i], x), batch_time(times[i + 1], x)
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Unit noise shaped like x, drawn on the generator's device (a CPU generator works for CUDA x)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def step_with_x0(p: Parameterization, x: Tensor, x0: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-    """x_next = alpha' x0 + sigma' (x - alpha x0) / sigma: p.step when x0 is the model's own x0_hat.
-
-    Higher-order samplers pass a combined data estimate instead; for alpha = 1 this is the Euler
-    step in sigma, and in general the exact solution of the ODE for a constant data prediction.
-    """
-    alpha, sigma = p.alpha_sigma(t)
-    alpha_next, sigma_next = p.alpha_sigma(t_next)
-    noise = (x - expand_as(alpha, x) * x0) / expand_as(sigma, x)
-    return expand_as(alpha_next, x) * x0 + expand_as(sigma_next, x) * noise
+def report(callback: Callback | None, i: int, t: Tensor, x: Tensor, x0: Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "t": t, "x": x, "x0": x0})
 
 
 class Sampler:
-    """`x0 = sampler(model_fn, noise, p, steps, generator=None)`, model_fn(x_t, t) -> prediction."""
+    """`x0 = sampler(model_fn, noise, parameterization, steps, generator=None, callback=None)`.
+
+    model_fn(x_t, t) -> prediction in the parameterization's target space; `callback` sees each step.
+    """
 
     stochastic = False  # whether it draws fresh noise (uses `generator`)
 
@@ -48,14 +43,23 @@ class Sampler:
         return steps
 
     @torch.no_grad()
-    def __call__(self, model_fn, noise: Tensor, p: Parameterization, steps: int, generator=None) -> Tensor:
-        times = p.timesteps(steps).to(device=noise.device, dtype=noise.dtype)
-        _, sigma_start = p.alpha_sigma(times[:1])
+    def __call__(
+        self,
+        model_fn,
+        noise: Tensor,
+        parameterization: Parameterization,
+        steps: int,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+    ) -> Tensor:
+        times = parameterization.timesteps(steps).to(device=noise.device, dtype=noise.dtype)
+        _, sigma_start = parameterization.alpha_sigma(times[:1])
         # The noisiest level may keep a little data (alpha > 0); starting from sigma * noise is the
         # usual practice, since the data mean is unknown.
         x = expand_as(sigma_start, noise) * noise
-        return self.sample(model_fn, x, p, times, generator)
+        return self.sample(model_fn, x, parameterization, times, generator, callback)
 
-    def sample(self, model_fn, x: Tensor, p: Parameterization, times: Tensor, generator) -> Tensor:
-        """Integrate from times[0] down to times[-1] = 0."""
+    def sample(self, model_fn, x: Tensor, parameterization: Parameterization, times: Tensor, generator,
+               callback: Callback | None) -> Tensor:
+        """Integrate from times[0] down to times[-1] = 0, calling `report` once per step."""
         raise NotImplementedError

@@ -5,25 +5,25 @@ exact exponential-integrator update. The first step (no history) and the last (l
 are first order. Where alpha = 0 (lambda = -inf) the extrapolation weight is 0, i.e. first order.
 """
 
-from ldm.samplers.base import Sampler, batch_time, step_with_x0
+from ldm.samplers.base import Sampler, intervals, report
 
 
-def log_snr_half(p, t):
-    alpha, sigma = p.alpha_sigma(t)
+def log_snr_half(parameterization, t):
+    alpha, sigma = parameterization.alpha_sigma(t)
     return alpha.log() - sigma.log()
 
 
 class DPMSolverPP2M(Sampler):
-    def sample(self, model_fn, x, p, times, generator):
-        lambdas = log_snr_half(p, times)
+    def sample(self, model_fn, x, parameterization, times, generator, callback):
+        lambdas = log_snr_half(parameterization, times)
         x0_prev = None
-        for i in range(len(times) - 1):
-            t, t_next = batch_time(times[i], x), batch_time(times[i + 1], x)
-            x0, _ = p.to_x0_noise(x, model_fn(x, t), t)
+        for i, t, t_next in intervals(times, x):
+            x0, _ = parameterization.to_x0_noise(x, model_fn(x, t), t)
+            report(callback, i, t, x, x0)
             estimate = x0
             if x0_prev is not None and times[i + 1] > 0:
                 h, h_prev = lambdas[i + 1] - lambdas[i], lambdas[i] - lambdas[i - 1]
                 estimate = x0 + h / (2 * h_prev) * (x0 - x0_prev)
-            x = step_with_x0(p, x, estimate, t, t_next)
+            x = parameterization.step_with_x0(x, estimate, t, t_next)
             x0_prev = x0
         return x

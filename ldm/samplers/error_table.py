@@ -17,11 +17,10 @@ import argparse
 
 import torch
 
-from ldm.samplers import DDPMSampler, DPMSolverPP2M, Euler, EulerAncestral, Heun
-from ldm.samplers.exact import Gaussian, perfect_model
+from ldm.samplers import Ancestral, DPMSolverPP2M, Euler, EulerAncestral, Heun
+from ldm.samplers.exact import gaussian_problem
+from ldm.samplers.w2 import sampler_error
 from ldm.schedules import DDPM, EDM, RectifiedFlow, TrigFlow, VPrediction, X0Prediction
-
-Tensor = torch.Tensor
 
 
 def parameterizations() -> dict:
@@ -42,52 +41,10 @@ def samplers() -> dict:
         "euler": Euler(),
         "heun": Heun(),
         "dpmpp_2m": DPMSolverPP2M(),
-        "ddpm": DDPMSampler(),
-        # eta = 1 repeats `ddpm` draw for draw, so show the half-way sampler instead.
+        "ancestral": Ancestral(),
+        # eta = 1 repeats `ancestral` draw for draw, so show the half-way sampler instead.
         "euler_anc_0.5": EulerAncestral(eta=0.5),
     }
-
-
-def gaussian_problem(dim: int = 4, seed: int = 0) -> Gaussian:
-    """A fixed Gaussian with a non-diagonal covariance (eigenvalues 0.1 to 1.5), in float64."""
-    g = torch.Generator().manual_seed(seed)
-    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    eigvals = torch.linspace(0.1, 1.5, dim, dtype=torch.float64)
-    mean = torch.linspace(-0.6, 0.8, dim, dtype=torch.float64)
-    return Gaussian(mean, rotation @ torch.diag(eigvals) @ rotation.T)
-
-
-def _sqrtm(matrix: Tensor) -> Tensor:
-    vals, vecs = torch.linalg.eigh(matrix)
-    return vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-
-
-def w2_gaussian(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -> float:
-    """2-Wasserstein distance between two Gaussians."""
-    root2 = _sqrtm(cov2)
-    cross = _sqrtm(root2 @ cov1 @ root2)
-    w2 = (mean1 - mean2).pow(2).sum() + torch.trace(cov1 + cov2 - 2 * cross)
-    return w2.clamp(min=0).sqrt().item()
-
-
-def output_moments(sampler, p, data: Gaussian, steps: int, n_samples: int = 20000, seed: int = 0):
-    """Mean and covariance of the sampler's output (exact if it is deterministic)."""
-    model_fn = perfect_model(data, p)
-    dim = len(data.mean)
-    g = torch.Generator().manual_seed(seed)
-    if not sampler.stochastic:
-        basis = torch.cat([torch.zeros(1, dim), torch.eye(dim)]).double()
-        out = sampler(model_fn, basis, p, steps)
-        columns = out[1:] - out[0]  # output = out[0] + columns.T @ noise
-        return out[0], columns.T @ columns
-    noise = torch.randn(n_samples, dim, generator=g, dtype=torch.float64)
-    out = sampler(model_fn, noise, p, steps, generator=g)
-    return out.mean(0), torch.cov(out.T)
-
-
-def sampler_error(sampler, p, data: Gaussian, steps: int, n_samples: int = 20000, seed: int = 0) -> float:
-    mean, cov = output_moments(sampler, p, data, steps, n_samples, seed)
-    return w2_gaussian(mean, cov, data.mean, data.cov)
 
 
 def main(argv: list[str] | None = None) -> None:

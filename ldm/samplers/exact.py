@@ -1,6 +1,7 @@
 """Data with a closed-form posterior mean E[x0 | x_t], hence a perfect network for any target.
 
-They let tests and `error_table` measure a sampler's own error, with no training in the way.
+They let tests and `error_table` measure a sampler's own error, with no training in the way;
+`gaussian_problem` is the fixed 4-D test case they share.
 """
 
 from __future__ import annotations
@@ -59,3 +60,12 @@ def perfect_model(data, p: Parameterization):
         return p.target(x0, noise, t)
 
     return model_fn
+
+
+def gaussian_problem(dim: int = 4, seed: int = 0) -> Gaussian:
+    """A fixed Gaussian with a non-diagonal covariance (eigenvalues 0.1 to 1.5), in float64."""
+    g = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    eigvals = torch.linspace(0.1, 1.5, dim, dtype=torch.float64)
+    mean = torch.linspace(-0.6, 0.8, dim, dtype=torch.float64)
+    return Gaussian(mean, rotation @ torch.diag(eigvals) @ rotation.T)

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from ldm.schedules.base import Parameterization
-from ldm.schedules.time_samplers import logit_normal_t, uniform_t
+from ldm.schedules.base import Parameterization, old_keys
+from ldm.schedules.time_samplers import LogitNormal
 
 Tensor = torch.Tensor
-
-TIME_SAMPLERS = ("uniform", "logit_normal")
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
     """s t / (1 + (s - 1) t): spends more time at high noise for s > 1 (SD3, FLUX)."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def from_old_spelling(time_sampler, logit_mean: float | None, logit_std: float | None):
+    """`time_sampler: logit_normal` with `logit_mean` / `logit_std` beside it, as configs had them before."""
+    if logit_mean is None and logit_std is None:
+        return time_sampler
+    mean, std = 0.0 if logit_mean is None else logit_mean, 1.0 if logit_std is None else logit_std
+    if time_sampler == "logit_normal":
+        return LogitNormal(mean, std)
+    if time_sampler in (None, "uniform") and (mean, std) == (0.0, 1.0):
+        return time_sampler  # old configs carried the unused defaults
+    raise ValueError(
+        f"{old_keys(logit_mean=logit_mean, logit_std=logit_std)}: old spelling; write "
+        "schedule/time_sampler=logit_normal schedule.time_sampler.mean=... schedule.time_sampler.std=..."
+    )
 
 
 class RectifiedFlow(Parameterization):
@@ -23,18 +36,15 @@ class RectifiedFlow(Parameterization):
     def __init__(
         self,
         shift: float = 1.0,
-        time_sampler: str = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
+        time_sampler=None,
+        loss_weight=None,
+        logit_mean: float | None = None,
+        logit_std: float | None = None,
     ):
-        if time_sampler not in TIME_SAMPLERS:
-            raise ValueError(f"time_sampler must be one of {', '.join(TIME_SAMPLERS)}; got {time_sampler!r}")
         if shift <= 0:
-            raise ValueError(f"shift must be positive, got {shift}")
+            raise ValueError(f"schedule.shift must be positive, got {shift}")
         self.shift = shift
-        self.time_sampler = time_sampler
-        self.logit_mean = logit_mean
-        self.logit_std = logit_std
+        super().__init__(from_old_spelling(time_sampler, logit_mean, logit_std), loss_weight)
 
     def alpha_sigma(self, t):
         return 1 - t, t
@@ -46,8 +56,5 @@ class RectifiedFlow(Parameterization):
         return shift_time(super().timesteps(n), self.shift)
 
     def sample_t(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        if self.time_sampler == "logit_normal":
-            t = logit_normal_t(batch_size, self.logit_mean, self.logit_std, generator)
-        else:
-            t = uniform_t(batch_size, generator)
-        return shift_time(t, self.shift)
+        """The time sampler's draws, shifted like the inference grid."""
+        return shift_time(super().sample_t(batch_size, generator), self.shift)

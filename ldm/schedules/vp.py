@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import torch
 
-from ldm.schedules.base import Parameterization
+from ldm.schedules.base import Parameterization, old_keys
 from ldm.schedules.beta_schedules import alphas_cumprod
-from ldm.schedules.loss_weights import check_loss_weighting, min_snr_weight
-from ldm.schedules.time_samplers import discrete_t
+from ldm.schedules.loss_weights import MinSNRWeight, NoWeight
 
 Tensor = torch.Tensor
+
+
+def from_old_spelling(loss_weighting: str | None, min_snr_gamma: float | None, loss_weight) -> object:
+    """The `loss_weighting` + `min_snr_gamma` keys that configs had before `loss_weight` (old run directories)."""
+    if loss_weight is not None:
+        raise ValueError(
+            f"{old_keys(loss_weighting=loss_weighting, min_snr_gamma=min_snr_gamma)}: old spelling of "
+            "schedule.loss_weight; write schedule.loss_weight=min_snr (and "
+            "schedule/loss_weight=min_snr schedule.loss_weight.gamma=5 for another gamma), without the old keys"
+        )
+    name = "none" if loss_weighting is None else loss_weighting
+    if name == "none":
+        return NoWeight()
+    if name == "min_snr":
+        return MinSNRWeight(5.0 if min_snr_gamma is None else min_snr_gamma)
+    raise ValueError(f"schedule.loss_weighting must be one of none, min_snr; got {name!r}")
 
 
 class VPSchedule(Parameterization):
@@ -20,23 +35,28 @@ class VPSchedule(Parameterization):
     alpha^2 + sigma^2 departs from 1 by at most 2e-4 (in the first interval, scaled_linear).
     """
 
+    default_time_sampler = "discrete"
+
     def __init__(
         self,
         beta_schedule: str = "linear",
         num_timesteps: int = 1000,
         zero_terminal_snr: bool = False,
-        loss_weighting: str = "none",
-        min_snr_gamma: float = 5.0,
+        time_sampler=None,
+        loss_weight=None,
+        loss_weighting: str | None = None,
+        min_snr_gamma: float | None = None,
     ):
         self.beta_schedule = beta_schedule
         self.num_timesteps = num_timesteps
         self.zero_terminal_snr = zero_terminal_snr
-        self.loss_weighting = check_loss_weighting(loss_weighting)
-        self.min_snr_gamma = min_snr_gamma
         self.alphas_cumprod = alphas_cumprod(beta_schedule, num_timesteps, zero_terminal_snr)
         # Tables over t = 0, 1/N, ..., 1, the t = 0 entry being clean data.
         self._alpha = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod.sqrt()])
         self._sigma = torch.cat([torch.zeros(1, dtype=torch.float64), (1 - self.alphas_cumprod).sqrt()])
+        if loss_weighting is not None or min_snr_gamma is not None:
+            loss_weight = from_old_spelling(loss_weighting, min_snr_gamma, loss_weight)
+        super().__init__(time_sampler, loss_weight)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         position = t.clamp(0, 1) * self.num_timesteps
@@ -55,11 +75,3 @@ class VPSchedule(Parameterization):
             raise ValueError(f"timesteps needs 1 <= n <= num_timesteps={self.num_timesteps}, got {n}")
         levels = torch.round(torch.linspace(self.num_timesteps, 0, n + 1, dtype=torch.float64))
         return levels / self.num_timesteps
-
-    def sample_t(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        return discrete_t(batch_size, self.num_timesteps, generator)
-
-    def loss_weight(self, t: Tensor) -> Tensor:
-        if self.loss_weighting == "none":
-            return torch.ones_like(t)
-        return min_snr_weight(*self.alpha_sigma(t), *self.model_row(t), self.min_snr_gamma)

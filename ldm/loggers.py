@@ -1,0 +1,72 @@
+"""Loggers that continue the same run when a run directory is resumed (config group `logger`)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from ldm.files import atomic_write
+
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def wandb_logger(save_dir: str, **kwargs) -> WandbLogger:
+    """A WandbLogger whose run id is kept in the run directory: a resumed run logs to the same wandb run."""
+    import wandb
+
+    id_file = Path(save_dir) / WANDB_ID_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with atomic_write(id_file) as handle:
+            handle.write(run_id.encode())
+    return WandbLogger(save_dir=save_dir, id=run_id, resume="allow", **kwargs)
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Keeps the rows of an existing metrics.csv up to `keep_until_step` instead of deleting the file."""
+
+    def __init__(self, log_dir: str, keep_until_step: int | None):
+        self.keep_until_step = keep_until_step  # read by the parent's constructor, through the check below
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as file:
+            reader = csv.DictReader(file)
+            fields = list(reader.fieldnames or [])
+            limit = self.keep_until_step
+            rows = [r for r in reader if limit is not None and r.get("step") not in (None, "")
+                    and int(r["step"]) <= limit]
+        if not rows:
+            path.unlink()
+            return
+        # rows past the checkpoint were logged by steps that the resumed run repeats
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = fields
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """CSVLogger with a fixed version directory that a resumed run continues (set `resume_step` before fit)."""
+
+    def __init__(self, save_dir: str, name: str = "csv", version: int | str = 0, **kwargs):
+        super().__init__(save_dir, name=name, version=version, **kwargs)
+        self.resume_step: int | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            Path(self.root_dir).mkdir(parents=True, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, self.resume_step)
+        return self._experiment

@@ -1,0 +1,25 @@
+"""Unit Gaussian noise drawn where its generator lives, so a CPU generator seeds CUDA tensors too."""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def generator_device(generator: torch.Generator | None, device: torch.device | str | None = None) -> torch.device:
+    """The device random numbers must be drawn on: the generator's, else `device`, else the CPU."""
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def randn(
+    shape,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Unit noise of `shape`, drawn on the generator's device (same draws whatever `device`), returned on `device`."""
+    noise = torch.randn(shape, generator=generator, device=generator_device(generator, device), dtype=dtype)
+    return noise if device is None else noise.to(device)

@@ -1,0 +1,98 @@
+"""SIGKILL a training run at random moments (once in the middle of a checkpoint write) and restart it
+with the same command: it ends with the weights of an uninterrupted run, and every file it leaves reads."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT
+
+from ldm.checkpoint import load_checkpoint
+
+ARGS = ["trainer.accelerator=cpu", "logger=csv", "data.cache=false", "data.batch_size=32", "model.depth=2",
+        "lr_scheduler.warmup_steps=0", "callbacks.sample_grid=null", "callbacks.ema.update_starting_at_step=0",
+        "callbacks.ema.decay=0.9", "trainer.max_steps=60", "trainer.val_check_interval=5",
+        "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline")
+
+
+def _command(run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *ARGS]
+
+
+# the same command on a slow disk: every fsync takes a second, so a kill can land inside a write
+SLOW_DISK = ("import os, runpy, sys, time; fsync = os.fsync; "
+             "os.fsync = lambda fd: (time.sleep(1.0), fsync(fd))[1]; "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _start(run_dir: Path, slow_disk: bool = False) -> subprocess.Popen:
+    command = _command(run_dir)
+    if slow_disk:
+        command = [sys.executable, "-c", SLOW_DISK, *command[1:]]
+    return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_after(run_dir: Path, seconds: float) -> None:
+    process = _start(run_dir)
+    time.sleep(seconds)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _kill_during_a_checkpoint_write(run_dir: Path, timeout: float = 120) -> bool:
+    """Kill the moment a temporary checkpoint file appears; False if the run ended first."""
+    process = _start(run_dir, slow_disk=True)
+    folder = run_dir / "checkpoints"
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if folder.is_dir() and any(p.name.startswith(".last.ckpt.") for p in folder.iterdir()):
+            time.sleep(0.2)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+    process.kill()
+    process.wait()
+    return False
+
+
+def _finish(run_dir: Path) -> None:
+    result = subprocess.run(_command(run_dir), env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _readable_checkpoints(run_dir: Path) -> list[Path]:
+    files = sorted((run_dir / "checkpoints").iterdir())
+    for path in files:
+        assert not path.name.startswith("."), f"a temporary file was left behind: {path}"
+        load_checkpoint(path)  # raises if empty or truncated
+    return files
+
+
+def test_killed_runs_end_with_the_uninterrupted_weights(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    _finish(reference)
+
+    assert _kill_during_a_checkpoint_write(killed), "the run finished before a checkpoint write could be hit"
+    kills = 1
+    rng = random.Random(0)
+    for _ in range(3):
+        _kill_after(killed, rng.uniform(6.0, 14.0))
+        kills += 1
+        _readable_checkpoints(killed)
+    _finish(killed)
+
+    _readable_checkpoints(killed)
+    a = load_checkpoint(reference / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(killed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 60
+    worst = max((a[key][k].float() - b[key][k].float()).abs().max().item()
+                for key in ("state_dict", "ema_state_dict") for k in a[key])
+    print(f"largest weight difference after {kills} kills: {worst:.3g}")
+    assert worst < 1e-5

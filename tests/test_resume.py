@@ -1,0 +1,48 @@
+"""A run that crashes and is restarted with the same command ends as an uninterrupted one would."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+from crash import Crash
+
+from ldm.checkpoint import load_checkpoint
+from ldm.training import train
+
+# 64 per batch: 23 batches per epoch of the digits, so the crash at step 30 resumes mid-way through epoch 1
+RUN = TINY + ["logger=csv", "data.batch_size=64", "trainer.max_steps=40", "trainer.val_check_interval=10",
+              "trainer.log_every_n_steps=1", "callbacks.sample_grid=null", "callbacks.ema.update_starting_at_step=5"]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    rows = csv.DictReader(open(run_dir / "csv" / "version_0" / "metrics.csv"))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(compose_config(RUN, out))
+    return out
+
+
+def test_crashed_and_restarted_run_matches_an_uninterrupted_one(uninterrupted, tmp_path):
+    with pytest.raises(Crash):
+        train(compose_config(RUN + ["+callbacks.crash._target_=crash.CrashAt", "+callbacks.crash.step=33"], tmp_path))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 30
+    train(compose_config(RUN, tmp_path))  # the same command again: resume=auto
+
+    expected, got = _losses(uninterrupted), _losses(tmp_path)
+    assert sorted(got) == sorted(expected) and len(got) >= 39  # one row per step, none repeated or missing
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
+    a = load_checkpoint(uninterrupted / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 40
+    for key in ("state_dict", "ema_state_dict"):
+        assert a[key].keys() == b[key].keys()
+        worst = max((a[key][k].float() - b[key][k].float()).abs().max().item() for k in a[key])
+        assert worst < 1e-5, f"{key} differs by {worst}"
