@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import secrets
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -14,18 +15,18 @@ from ldm.files import atomic_write
 WANDB_ID_FILE = "wandb_id.txt"
 
 
-def wandb_logger(save_dir: str, **kwargs) -> WandbLogger:
+def wandb_logger(save_dir: str, project: str = "ldm", name: str | None = None, log_model: bool = False,
+                 entity: str | None = None, group: str | None = None, tags: list[str] | None = None) -> WandbLogger:
     """A WandbLogger whose run id is kept in the run directory: a resumed run logs to the same wandb run."""
-    import wandb
-
     id_file = Path(save_dir) / WANDB_ID_FILE
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)
         with atomic_write(id_file) as handle:
             handle.write(run_id.encode())
-    return WandbLogger(save_dir=save_dir, id=run_id, resume="allow", **kwargs)
+    return WandbLogger(save_dir=save_dir, id=run_id, resume="allow", project=project, name=name,
+                       log_model=log_model, entity=entity, group=group, tags=list(tags) if tags else None)
 
 
 class _ContinuedWriter(ExperimentWriter):
@@ -59,8 +60,10 @@ class _ContinuedWriter(ExperimentWriter):
 class ContinuedCSVLogger(CSVLogger):
     """CSVLogger with a fixed version directory that a resumed run continues (set `resume_step` before fit)."""
 
-    def __init__(self, save_dir: str, name: str = "csv", version: int | str = 0, **kwargs):
-        super().__init__(save_dir, name=name, version=version, **kwargs)
+    def __init__(self, save_dir: str, name: str = "csv", version: int | str = 0, prefix: str = "",
+                 flush_logs_every_n_steps: int = 100):
+        super().__init__(save_dir, name=name, version=version, prefix=prefix,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps)
         self.resume_step: int | None = None
 
     @property

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.build import resolve_precision
 from ldm.callbacks.last_checkpoint import LAST
 from ldm.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from ldm.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,23 @@ def task_module(name: str):
     return importlib.import_module(TASKS[name])
 
 
+def check_training_config(cfg: DictConfig) -> None:
+    """Every key of every node against the constructor it goes to, before anything is built."""
+    from ldm.autoencoders.training import AutoencoderTraining
+    from ldm.diffusion import LatentDiffusion
+
+    check_config(cfg, targets={"diffusion": LatentDiffusion, "vae": AutoencoderTraining}, passed_by_code={
+        "diffusion": ("autoencoder", "conditioner", "denoiser", "schedule", "sampler", "image_size", "optimizer",
+                      "lr_scheduler", "seed"),
+        "vae": ("autoencoder",), "trainer": ("callbacks", "logger", "plugins"),
+        "optimizer": ("params",), "lr_scheduler": ("optimizer",)})
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train the configured task; returns the best validation loss (the metric a sweeper optimizes)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     task = task_module(cfg.task)
+    check_training_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

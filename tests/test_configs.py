@@ -12,7 +12,7 @@ from ldm.autoencoders.training import AutoencoderTraining
 from ldm.validate import check_keys, config_errors
 
 GROUPS = ["data", "autoencoder", "conditioner", "model", "schedule", "sampler", "trainer", "callbacks", "logger",
-          "experiment", "hparams_search", "launcher", "debug"]
+          "experiment", "hparams_search", "launcher", "debug", "task", "optimizer", "lr_scheduler"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 # building these allocates hundreds of millions of parameters: their sizes are checked on the meta device
 LARGE = {("model", "dit_l"), ("model", "dit_xl"), ("model", "unet_sd"), ("model", "dit_b")}

@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 from conftest import TINY, compose_config
-from crash import Crash
+from probes import Crash
 
 from ldm.checkpoint import load_checkpoint
 from ldm.training import train
@@ -31,7 +31,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_crashed_and_restarted_run_matches_an_uninterrupted_one(uninterrupted, tmp_path):
     with pytest.raises(Crash):
-        train(compose_config(RUN + ["+callbacks.crash._target_=crash.CrashAt", "+callbacks.crash.step=33"], tmp_path))
+        train(compose_config(RUN + ["+callbacks.crash._target_=probes.CrashAt", "+callbacks.crash.step=33"], tmp_path))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 30
     train(compose_config(RUN, tmp_path))  # the same command again: resume=auto
 

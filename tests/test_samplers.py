@@ -215,3 +215,28 @@ def test_callback_sees_every_step(sampler_name, p_name):
 def test_callback_is_optional_and_changes_nothing():
     p, sampler = SCHEDULES["flow"], SAMPLERS["dpmpp_2m"]
     torch.testing.assert_close(run(sampler, p, 8, n=64), run(sampler, p, 8, n=64, callback=lambda info: None))
+
+
+def test_noise_is_drawn_on_the_generator_device_and_returned_where_asked():
+    from ldm.noise import randn
+
+    expected = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = randn((3, 4), torch.Generator().manual_seed(5), device="meta", dtype=torch.float64)
+    assert got.device.type == "meta" and got.dtype == torch.float64  # moved after drawing
+    torch.testing.assert_close(randn((3, 4), torch.Generator().manual_seed(5), dtype=torch.float64), expected)
+    assert randn((2,)).device.type == "cpu" and randn((2,), device="meta").device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cpu_generator_gives_the_same_noise_and_samples_on_cuda():
+    from ldm.noise import randn
+
+    expected = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    got = randn((3, 4), torch.Generator().manual_seed(5), device="cuda")
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), expected)
+    p, noise = SCHEDULES["flow"], torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    on_cpu = Ancestral()(perfect_model(DATA, p), noise, p, 5, generator=torch.Generator().manual_seed(1))
+    cuda_data = Gaussian(DATA.mean.cuda(), DATA.cov.cuda())
+    on_cuda = Ancestral()(perfect_model(cuda_data, p), noise.cuda(), p, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu)

@@ -20,7 +20,8 @@ from ldm.data.shapes import (
     ShapesDataset,
     parse_caption,
 )
-from ldm.evaluate_shapes import evaluate, judge, to_uint8
+from ldm.evaluation.shapes import evaluate, judge
+from ldm.images import to_uint8
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 COUNTS = {"shape": len(SHAPES), "color": len(COLORS), "position": len(POSITIONS), "size": len(SIZES)}

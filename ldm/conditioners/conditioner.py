@@ -16,11 +16,6 @@ def _uniform(size: int, generator: torch.Generator | None, device) -> torch.Tens
     return torch.rand(size, generator=generator, device=generator_device(generator, device)).to(device)
 
 
-def cache_key(index: int, output: str) -> str:
-    """Batch key under which embedder `index`'s precomputed `output` travels (see ldm.data.cache)."""
-    return f"cond.{index}.{output}"
-
-
 class Conditioner(nn.Module):
     """Runs each embedder on its batch key and applies condition dropout for classifier-free guidance.
 

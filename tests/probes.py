@@ -1,0 +1,28 @@
+"""Callbacks that tests add to real runs: stop abruptly at a step, or record the weights at the end."""
+
+import lightning as L
+import torch
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAt(L.Callback):
+    """Raise at the start of step `step`, as a crash or a preemption would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash(f"crashed at step {self.step}")
+
+
+class RecordWeights(L.Callback):
+    """Keeps a copy of the trainable weights when training ends (the raw weights, before anything else)."""
+
+    last: dict[str, torch.Tensor] = {}
+
+    def on_train_end(self, trainer, pl_module):
+        RecordWeights.last = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
