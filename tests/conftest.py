@@ -65,6 +65,15 @@ def trained_run(tmp_path_factory) -> Path:
     return out
 
 
+def train_run(overrides: list[str], out: Path):
+    """Train in-process as `python train.py` would, leaving a run directory that sample.py can rebuild."""
+    from ldm.training import train
+
+    cfg = compose_config(overrides, out)
+    _save_config(cfg, out)
+    return train(cfg)
+
+
 def _save_config(cfg: DictConfig, out: Path) -> None:
     """What Hydra writes for a real run, so sample.py can rebuild it from the directory alone."""
     from omegaconf import OmegaConf

@@ -76,3 +76,10 @@ def test_image_size_the_autoencoder_cannot_divide_is_named_once_for_both_checks(
         OmegaConf.to_container(cfg.model, resolve=True)
     with pytest.raises(ValueError, match=message):
         hydra.utils.instantiate(cfg.autoencoder).latent_shape(30)
+
+
+def test_a_moved_key_names_its_new_spelling():
+    from conftest import run_script
+
+    with pytest.raises(AssertionError, match=r"diffusion.lr is now optimizer.lr: write optimizer.lr=0.001"):
+        run_script("train.py", "diffusion.lr=0.001")

@@ -42,3 +42,13 @@ def test_no_logger_still_checkpoints(tmp_path):
     train(compose_config(SHORT + ["logger=none"], tmp_path))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "samples" / "final.png").is_file()
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(compose_config(SHORT + ["logger=wandb"], tmp_path))
+    train(compose_config(SHORT + ["logger=wandb", "trainer.max_steps=30"], tmp_path))
+    logs = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and logs[0].name == logs[1].name, logs  # run-<id>.wandb: one id for both parts
+    steps = [r["trainer/global_step"] for r in history(logs[1]) if "train/loss" in r]
+    assert steps and min(steps) > 19, steps  # the second part starts after the first one's last step

@@ -31,3 +31,23 @@ def test_sample_given_labels_and_seed(trained_run, tmp_path):
 def test_sample_rejects_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(AssertionError, match="config.yaml not found"):
         run_script("sample.py", f"run={tmp_path}", "n=2")
+
+
+def test_the_sampler_argument_is_used(trained_run, tmp_path):
+    import torch
+
+    from ldm.samplers import Heun
+    from ldm.sampling import load_run
+
+    paths = {name: tmp_path / f"{name}.npz" for name in ("euler", "heun")}
+    for name, path in paths.items():
+        run_script("sample.py", f"run={trained_run}", "n=4", "steps=3", "labels=[2]", "guidance=1.5",
+                   f"sampler={name}", f"out={path}")
+    euler, heun = (np.load(p)["images"] for p in paths.values())
+    assert not np.array_equal(euler, heun)
+    _, module = load_run(trained_run)  # the same draw made directly with Heun
+    images = module.sample({"label": torch.full((4,), 2)}, 4, sampler=Heun(), steps=3, guidance=1.5,
+                           generator=torch.Generator().manual_seed(0))
+    from ldm.images import to_uint8
+
+    assert np.abs(to_uint8(images).astype(int) - heun.astype(int)).max() <= 1

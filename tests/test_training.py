@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from conftest import TINY, compose_config, run_script
 
 from ldm.training import train
 
-PAIRINGS = [(m, s, a) for m in ("dit", "unet") for s in ("flow", "ddpm", "v", "x0", "edm", "trig")
+SCHEDULES = ("flow", "ddpm", "v", "x0", "edm", "trig")
+PAIRINGS = [(m, s, a) for m in ("dit", "unet") for s in SCHEDULES
             for a in ("kl_digits", "identity")]
 
 
@@ -23,6 +25,14 @@ def test_fast_dev_run(model, schedule, autoencoder, tmp_path):
     if autoencoder == "identity" and model == "dit":
         overrides.append("model.patch_size=4")
     train(compose_config(overrides, tmp_path))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_any_time_sampler_and_loss_weight_with_any_schedule(schedule, tmp_path):
+    overrides = TINY + [f"schedule={schedule}", "schedule/time_sampler=logit_normal", "schedule.loss_weight=min_snr",
+                        "debug=fdr", "logger=none"]
+    loss = train(compose_config(overrides, tmp_path))
+    assert loss is not None and math.isfinite(loss)
 
 
 def _metric(run_dir: Path, name: str) -> list[float]:
@@ -43,19 +53,6 @@ def test_run_directory_layout(trained_run):
     assert "final.png" in grids and "step_000020.png" in grids, grids
 
 
-def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "resumed"
-    shutil.copytree(trained_run, run)
-    cfg = compose_config(TINY + ["logger=none", "trainer.max_steps=80", "trainer.val_check_interval=20"], run)
-    train(cfg)
-    import torch
-
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert state["global_step"] == 80
-
-
 def test_multirun_makes_two_run_directories(tmp_path):
     sweep = tmp_path / "sweep"
     run_script("train.py", "-m", "seed=1,2", "debug=fdr", "logger=none", "data.cache=false", "model.depth=1",
@@ -64,14 +61,6 @@ def test_multirun_makes_two_run_directories(tmp_path):
     assert [p.name for p in runs] == ["0", "1"]
     seeds = [(p / ".hydra" / "overrides.yaml").read_text() for p in runs]
     assert "seed=1" in seeds[0] and "seed=2" in seeds[1]
-
-
-def test_last_checkpoint_is_the_final_step_between_validations(tmp_path):
-    import torch
-
-    train(compose_config(TINY + ["logger=none", "trainer.max_steps=30", "trainer.val_check_interval=20"], tmp_path))
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert state["global_step"] == 30
 
 
 def test_autoencoder_stage_trains_and_exports(tmp_path):

@@ -33,7 +33,7 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
     def on_validation_end(self, trainer, pl_module):
