@@ -26,3 +26,12 @@ class RecordWeights(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         RecordWeights.last = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+class FirstStep(L.Callback):
+    """Records the step at which this process started training (0 unless it resumed)."""
+
+    seen: int | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        FirstStep.seen = trainer.global_step

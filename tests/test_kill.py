@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from ldm.checkpoint import load_checkpoint
 
 ARGS = ["trainer.accelerator=cpu", "logger=csv", "data.cache=false", "data.batch_size=32", "model.depth=2",
         "lr_scheduler.warmup_steps=0", "callbacks.sample_grid=null", "callbacks.ema.update_starting_at_step=0",
-        "callbacks.ema.decay=0.9", "trainer.max_steps=60", "trainer.val_check_interval=5",
+        "callbacks.ema.decay=0.9", "trainer.max_steps=100", "trainer.val_check_interval=5",
         "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline")
 
@@ -39,11 +40,21 @@ def _start(run_dir: Path, slow_disk: bool = False) -> subprocess.Popen:
     return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _kill_after(run_dir: Path, seconds: float) -> None:
+def _kill_while_training(run_dir: Path, delay: float, timeout: float = 120) -> bool:
+    """Kill `delay` seconds after the run's next checkpoint write; False if it ended before the kill."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.stat().st_mtime_ns if last.is_file() else None
     process = _start(run_dir)
-    time.sleep(seconds)
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if last.is_file() and last.stat().st_mtime_ns != before:
+            break
+        time.sleep(0.01)
+    time.sleep(delay)
+    alive = process.poll() is None
     process.send_signal(signal.SIGKILL)
     process.wait()
+    return alive
 
 
 def _kill_during_a_checkpoint_write(run_dir: Path, timeout: float = 120) -> bool:
@@ -62,15 +73,19 @@ def _kill_during_a_checkpoint_write(run_dir: Path, timeout: float = 120) -> bool
     return False
 
 
-def _finish(run_dir: Path) -> None:
+def _finish(run_dir: Path) -> str:
     result = subprocess.run(_command(run_dir), env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
 
 
-def _readable_checkpoints(run_dir: Path) -> list[Path]:
+def _readable_checkpoints(run_dir: Path, finished: bool = False) -> list[Path]:
+    """Every checkpoint reads; temporaries of a killed write may remain until the run restarts."""
     files = sorted((run_dir / "checkpoints").iterdir())
     for path in files:
-        assert not path.name.startswith("."), f"a temporary file was left behind: {path}"
+        if path.name.startswith("."):
+            assert not finished, f"a temporary file was left behind: {path}"
+            continue
         load_checkpoint(path)  # raises if empty or truncated
     return files
 
@@ -83,15 +98,16 @@ def test_killed_runs_end_with_the_uninterrupted_weights(tmp_path):
     kills = 1
     rng = random.Random(0)
     for _ in range(3):
-        _kill_after(killed, rng.uniform(6.0, 14.0))
+        assert _kill_while_training(killed, rng.uniform(0.0, 0.5)), "the run ended before it could be killed"
         kills += 1
         _readable_checkpoints(killed)
-    _finish(killed)
+    output = _finish(killed)
+    assert re.search(r"resuming from .*last.ckpt \(step [1-9]", output), "the last run did not resume"
 
-    _readable_checkpoints(killed)
+    _readable_checkpoints(killed, finished=True)
     a = load_checkpoint(reference / "checkpoints" / "last.ckpt")
     b = load_checkpoint(killed / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == 60
+    assert a["global_step"] == b["global_step"] == 100
     worst = max((a[key][k].float() - b[key][k].float()).abs().max().item()
                 for key in ("state_dict", "ema_state_dict") for k in a[key])
     print(f"largest weight difference after {kills} kills: {worst:.3g}")

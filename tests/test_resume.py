@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 from conftest import TINY, compose_config
-from probes import Crash
+from probes import Crash, FirstStep
 
 from ldm.checkpoint import load_checkpoint
 from ldm.training import train
@@ -33,7 +33,9 @@ def test_crashed_and_restarted_run_matches_an_uninterrupted_one(uninterrupted, t
     with pytest.raises(Crash):
         train(compose_config(RUN + ["+callbacks.crash._target_=probes.CrashAt", "+callbacks.crash.step=33"], tmp_path))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 30
-    train(compose_config(RUN, tmp_path))  # the same command again: resume=auto
+    # the same command again (resume=auto), with a probe of where training starts
+    train(compose_config(RUN + ["+callbacks.first._target_=probes.FirstStep"], tmp_path))
+    assert FirstStep.seen == 30
 
     expected, got = _losses(uninterrupted), _losses(tmp_path)
     assert sorted(got) == sorted(expected) and len(got) >= 39  # one row per step, none repeated or missing

@@ -98,28 +98,34 @@ def test_training_draws_follow_seed_step_and_batch(flow):
 def test_latents_and_targets_stay_float32_under_bf16_autocast(flow):
     module, datamodule = flow
     batch = next(iter(datamodule.val_dataloader()))
-    seen = {}
     denoiser, target = module.denoiser.forward, module.schedule.target
+    module.log = lambda *a, **k: None
 
-    def spy_denoiser(x, t, cond):
-        seen["x_in"], seen["t_in"] = x.dtype, t.dtype
-        return denoiser(x, t, cond)
+    def validation_inputs(autocast: bool) -> dict:
+        seen = {}
 
-    def spy_target(*args):
-        seen["z0"] = args[0].dtype
-        out = seen["target"] = target(*args)
-        return out
+        def spy_denoiser(x, t, cond):
+            seen["x_in"], seen["t_in"] = x, t
+            return denoiser(x, t, cond)
 
-    module.denoiser.forward, module.schedule.target = spy_denoiser, spy_target
-    try:
-        module.log = lambda *a, **k: None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            module.validation_step(batch, 0)
-    finally:
-        del module.denoiser.forward
-        module.schedule.target = target
-    assert seen["z0"] == seen["x_in"] == seen["t_in"] == torch.float32
-    assert seen["target"].dtype == torch.float32
+        def spy_target(*args):
+            seen["z0"] = args[0]
+            seen["target"] = target(*args)
+            return seen["target"]
+
+        module.denoiser.forward, module.schedule.target = spy_denoiser, spy_target
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                module.validation_step(batch, 0)
+        finally:
+            del module.denoiser.forward
+            module.schedule.target = target
+        return seen
+
+    full, mixed = validation_inputs(False), validation_inputs(True)
+    for name in ("z0", "x_in", "t_in", "target"):
+        assert mixed[name].dtype == torch.float32, name
+        torch.testing.assert_close(mixed[name], full[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_guidance_contrasts_the_condition_with_the_null_condition(flow):
