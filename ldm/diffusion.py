@@ -6,6 +6,8 @@ module only encodes, conditions, draws t and noise, and takes the weighted loss.
 
 from __future__ import annotations
 
+import itertools
+
 import lightning as L
 import numpy as np
 import torch
@@ -69,7 +71,8 @@ class LatentDiffusion(L.LightningModule):
         if bool(self.latent_stats_ready):
             return
         with self.full_precision():
-            z = torch.cat([self.raw_latents(batch).float().cpu() for _, batch in zip(range(max_batches), loader)])
+            batches = itertools.islice(loader, max_batches)
+            z = torch.cat([self.raw_latents(batch).float().cpu() for batch in batches])
         shift = z.mean() if self.fixed_shift is None else torch.tensor(float(self.fixed_shift))
         scale = self.schedule.data_std / (z - shift).std() if self.fixed_scale is None else float(self.fixed_scale)
         self.latent_shift.fill_(float(shift))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 
 import pytest
-import torch
 from conftest import TINY, compose_config
 from probes import Crash, FirstStep
 

@@ -36,7 +36,7 @@ def edm(tmp_path_factory):
 
 def _training_latents(module, datamodule, batches: int = 6) -> torch.Tensor:
     loader = datamodule.train_dataloader()
-    return torch.cat([module.latents(b) for _, b in zip(range(batches), loader)])
+    return torch.cat([module.latents(b) for _, b in zip(range(batches), loader, strict=False)])
 
 
 @pytest.mark.parametrize("setup", ["flow", "edm"])

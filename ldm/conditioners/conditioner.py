@@ -7,8 +7,8 @@ from torch import nn
 
 from ldm.conditioners.conditioning import Conditioning
 from ldm.conditioners.embedder import Embedder
-from ldm.noise import generator_device
 from ldm.data.batch import cached_outputs
+from ldm.noise import generator_device
 
 
 def _uniform(size: int, generator: torch.Generator | None, device) -> torch.Tensor:
