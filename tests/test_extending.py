@@ -62,3 +62,25 @@ def test_every_sampler_reproduces_gaussian_data(sampler_name):
     sampler = SAMPLERS[sampler_name]
     out = run(sampler, SqrtVP(), STEPS[sampler_name])
     assert_reproduces_gaussian(out, MEAN_TOL, COV_TOL["stochastic" if sampler.stochastic else "deterministic"])
+
+
+def test_it_trains_in_the_app_and_samples_with_every_sampler(tmp_path):
+    from conftest import TINY, compose_config
+
+    from ldm.sampling import load_run
+    from ldm.training import train
+
+    cfg = compose_config(TINY + ["logger=none", "callbacks.sample_grid=null", "trainer.max_steps=20",
+                                 "trainer.val_check_interval=10"], tmp_path)
+    cfg.schedule = OmegaConf.create({"_target_": "test_extending.SqrtVP"})  # what its one yaml would hold
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    loss = train(cfg)
+    assert loss is not None and torch.isfinite(torch.tensor(loss))
+    _, module = load_run(tmp_path)
+    assert isinstance(module.schedule, SqrtVP)
+    labels = {"label": torch.tensor([0, 5])}
+    for name, sampler in SAMPLERS.items():
+        images = module.sample(labels, 2, sampler=sampler, steps=4, guidance=2.0,
+                               generator=torch.Generator().manual_seed(0))
+        assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all(), name

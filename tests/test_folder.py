@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data.folder import FolderDataset
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def write_image(path: Path, size=(40, 24), color=(255, 0, 0)) -> None:

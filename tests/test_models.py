@@ -1,18 +1,17 @@
 """Denoisers: published parameter counts, adaLN-Zero start, conditioning, masks, gradients, precision."""
 
-from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from conftest import compose_config
+from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
 from ldm.conditioners.class_embedder import ClassEmbedder
 from ldm.conditioners.conditioning import Conditioning
 from ldm.models import DiT, UNet, check_conditioning
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+MODEL_CONF = CONF / "model"
 BATCH, SIZE, CHANNELS, VECTOR, CONTEXT, CONCAT, TOKENS = 2, 8, 4, 6, 5, 3, 7
 
 
@@ -92,7 +91,7 @@ def perturb(model, scale=0.05, seed=1):
     ("dit_s", 33.0e6), ("dit_b", 130.5e6), ("dit_l", 458.1e6), ("dit_xl", 675.1e6)])
 def test_dit_parameter_count_matches_paper(preset, published):
     # DiT-*/2 on 32x32x4 latents (256px images, 8x VAE) with a 1000-class embedding of width hidden
-    hidden = OmegaConf.load(CONF / f"{preset}.yaml").hidden_size
+    hidden = OmegaConf.load(MODEL_CONF / f"{preset}.yaml").hidden_size
     with torch.device("meta"):
         model = compose(preset, image_size=256, downsample=8, vector_dim=hidden)
         classes = ClassEmbedder(num_classes=1000, embed_dim=hidden)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import CONF, compose_config
 from omegaconf import OmegaConf
+from test_schedules import params
 
 from ldm.schedules import (
     DDPM,
@@ -19,31 +20,6 @@ from ldm.schedules import (
     VPrediction,
     X0Prediction,
 )
-
-# Every method, the VP data rows with each beta schedule and zero terminal SNR, and some parts.
-PARAMETERIZATIONS = {
-    "flow": RectifiedFlow(),
-    "flow_shift3_logit": RectifiedFlow(shift=3.0, time_sampler=LogitNormal()),
-    "flow_mode_sd3": RectifiedFlow(time_sampler="mode", loss_weight="sd3"),
-    "ddpm_linear": DDPM(),
-    "ddpm_scaled_linear": DDPM(beta_schedule="scaled_linear"),
-    "ddpm_cosine": DDPM(beta_schedule="cosine", loss_weight=MinSNRWeight()),
-    "v": VPrediction(),
-    "v_cosine": VPrediction(beta_schedule="cosine"),
-    "v_ztsnr": VPrediction(beta_schedule="scaled_linear", zero_terminal_snr=True),
-    "v_lognormal_edm": VPrediction(time_sampler="lognormal", loss_weight="edm"),
-    "x0": X0Prediction(loss_weight="min_snr"),
-    "x0_ztsnr": X0Prediction(zero_terminal_snr=True),
-    "edm": EDM(),
-    "edm_logit_sd3": EDM(time_sampler="logit_normal", loss_weight="sd3"),
-    "trig": TrigFlow(),
-    "trig_min_snr": TrigFlow(loss_weight="min_snr"),
-}
-params = pytest.mark.parametrize("p", PARAMETERIZATIONS.values(), ids=PARAMETERIZATIONS.keys())
-
-
-# ---- published values ---------------------------------------------------------------------------
-
 
 TIME_SAMPLER_OPTIONS = sorted(p.stem for p in (CONF / "schedule" / "time_sampler").glob("*.yaml"))
 LOSS_WEIGHT_OPTIONS = sorted(p.stem for p in (CONF / "schedule" / "loss_weight").glob("*.yaml"))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -23,7 +22,6 @@ from ldm.data.shapes import (
 from ldm.evaluation.shapes import evaluate, judge
 from ldm.images import to_uint8
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 COUNTS = {"shape": len(SHAPES), "color": len(COLORS), "position": len(POSITIONS), "size": len(SIZES)}
 
 

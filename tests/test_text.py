@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import open_clip
 import pytest
 import torch
+from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
@@ -15,7 +14,6 @@ import ldm.conditioners.clip_text as clip_text
 from ldm.conditioners import Conditioner
 from ldm.conditioners.clip_text import ClipTextEmbedder, WeightsUnavailableError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY_TEXT = {"width": 64, "layers": 2, "heads": 4, "context_length": 32, "vocab_size": 49408}
 CAPTIONS = ["a small red circle at the top left", "top right: a blue square, large", ""]
 
