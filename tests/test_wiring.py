@@ -187,3 +187,23 @@ def test_weight_decay_only_on_layer_weights(flow, tmp_path):
     no_decay_names = {names[i] for i in free}
     assert "conditioner.embedders.0.embedding.weight" in no_decay_names  # the class table with its null row
     assert any(n.endswith(".bias") for n in no_decay_names)
+
+
+def test_guided_samples_follow_the_class_better_than_unguided(tmp_path):
+    """A short real run: guidance must raise the digits classifier's agreement with the asked class."""
+    from conftest import train_run
+
+    from ldm.evaluation.digits import digits_accuracy
+    from ldm.sampling import load_run
+
+    train_run(TINY + ["logger=none", "callbacks.sample_grid=null", "data.batch_size=64", "trainer.max_steps=400",
+                      "trainer.val_check_interval=400", "callbacks.ema.decay=0.99", "optimizer.lr=1e-3"], tmp_path)
+    _, module = load_run(tmp_path)
+    labels = torch.arange(200) % 10
+    accuracy = {}
+    for scale in (1.0, 3.0):
+        images = module.sample({"label": labels}, 200, steps=10, guidance=scale,
+                               generator=torch.Generator().manual_seed(0))
+        accuracy[scale] = digits_accuracy(images, labels.numpy())
+    print(f"digit accuracy by guidance scale: {accuracy}")
+    assert accuracy[3.0] > accuracy[1.0] + 0.1, accuracy
