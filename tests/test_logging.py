@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import TINY, compose_config
 from PIL import Image
-from wandb_log import history
+from wandb_log import history_with
 
 from ldm.training import train
 
@@ -17,9 +17,9 @@ def test_wandb_offline_run_reads_back(tmp_path, monkeypatch):
     train(compose_config(SHORT + ["logger=wandb"], tmp_path))
     logs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 1, logs
-    rows = history(logs[0])
+    rows = history_with(logs[0], "train/loss", at_least=3)
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert len(losses) >= 3 and all(np.isfinite(losses))
+    assert len(losses) >= 3 and all(np.isfinite(losses)), (logs[0].stat().st_size, rows[:3])
     assert any("val/loss" in r for r in rows)
     images = [r for r in rows if r.get("samples/_type") == "images/separated"]
     assert images, "no sample grid was logged"
@@ -50,5 +50,5 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     train(compose_config(SHORT + ["logger=wandb", "trainer.max_steps=30"], tmp_path))
     logs = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 2 and logs[0].name == logs[1].name, logs  # run-<id>.wandb: one id for both parts
-    steps = [r["trainer/global_step"] for r in history(logs[1]) if "train/loss" in r]
+    steps = [r["trainer/global_step"] for r in history_with(logs[1], "train/loss") if "train/loss" in r]
     assert steps and min(steps) > 19, steps  # the second part starts after the first one's last step

@@ -56,3 +56,16 @@ def history(path: Path) -> list[dict]:
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def history_with(path: Path, key: str, at_least: int = 1, timeout: float = 30.0) -> list[dict]:
+    """`history(path)` once it holds `at_least` rows with `key`: wandb's service process writes the
+    offline log asynchronously, and may still be flushing it when the training process moves on."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        rows = history(path)
+        if sum(key in row for row in rows) >= at_least or time.time() > deadline:
+            return rows
+        time.sleep(0.2)
