@@ -4,6 +4,10 @@ Before the first update (`update_starting_at_step`) there is no average and the 
 Validation, sample grids and the final grid run with the average swapped in; checkpoints hold the
 raw weights as `state_dict` and the average as `ema_state_dict`, so training always resumes from the
 raw trajectory and `sample.py` reads the average.
+
+Lightning's EMAWeightAveraging is not used because it averages every parameter and buffer (frozen
+autoencoder and text towers too), swaps its copy of the initial weights in before the first update,
+and leaves the average in the module after fit, where a final checkpoint then stores it as the raw weights.
 """
 
 from __future__ import annotations
