@@ -4,12 +4,20 @@ import hydra
 from omegaconf import DictConfig
 
 import ldm  # noqa: F401  (registers the config resolvers)
-from ldm.sampling import sample
+from ldm import hydra_hooks
+from ldm.errors import reported_user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    # heavy imports (torch) only once Hydra has parsed the arguments
+    from ldm.sample_checks import check_sampling
+    from ldm.sampling import sample
+
+    with reported_user_errors():
+        if not hydra_hooks.checked:  # the Hydra callback was switched off: check here instead
+            check_sampling(cfg)
+        sample(cfg)
 
 
 if __name__ == "__main__":

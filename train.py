@@ -6,16 +6,24 @@ import hydra
 from omegaconf import DictConfig
 
 import ldm  # noqa: F401  (registers the config resolvers)
+from ldm import hydra_hooks
+from ldm.errors import ConfigError, exit_for, reported_user_errors
 from ldm.renamed import renamed_overrides
-from ldm.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    # heavy imports (torch, Lightning) only once Hydra has parsed the arguments
+    from ldm.checks import check_training
+    from ldm.training import train
+
+    with reported_user_errors(hydra_hooks.new_run_dir):
+        if not hydra_hooks.checked:  # the Hydra callback was switched off: check here instead
+            check_training(cfg)
+        return train(cfg)
 
 
 if __name__ == "__main__":
     if moved := renamed_overrides(sys.argv[1:]):
-        sys.exit("\n".join(moved))
+        exit_for(ConfigError(moved))
     main()

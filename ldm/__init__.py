@@ -1,5 +1,9 @@
 """ldm: latent diffusion with Lightning and Hydra."""
 
+# both light (standard library and omegaconf only): entry points import ldm before Hydra parses
+# the arguments, and `--help` must not wait for torch
 from ldm.config import register_resolvers
+from ldm.quiet import silence_known_warnings
 
 register_resolvers()
+silence_known_warnings()

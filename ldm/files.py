@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,11 +49,48 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def remove_partial_files(directory: str | Path) -> list[Path]:
-    """Delete the temporaries that killed writes left in `directory`; returns what was removed."""
+    """Delete the temporaries that killed writes left in `directory`; returns what was removed.
+
+    A temporary whose writer is still running on this machine (its pid is in the name) is left alone,
+    so a cleanup never breaks another process's write in progress."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = sorted(directory.glob(f".*{TEMP_SUFFIX}"))
+    stale = [path for path in sorted(directory.glob(f".*{TEMP_SUFFIX}")) if not _writer_alive(path)]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def _writer_alive(temporary: Path) -> bool:
+    parts = temporary.name[: -len(TEMP_SUFFIX)].split(".")
+    if len(parts) < 3 or not parts[-2].isdigit():
+        return False  # not a name from `temporary_name`: nothing is writing it
+    pid = int(parts[-2])
+    if pid == os.getpid():
+        return False  # this process writes one file at a time, and not while it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user
+    return True
+
+
+def keep_copy(path: str | Path, copy: str | Path) -> None:
+    """Make `copy` hold what `path` holds now, atomically; a hard link where the file system has them."""
+    path, copy = Path(path), Path(copy)
+    tmp = temporary_name(copy)
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links here: copy the bytes instead
+        with open(path, "rb") as source, atomic_write(copy) as handle:
+            shutil.copyfileobj(source, handle, 1 << 20)
+        return
+    try:
+        os.replace(tmp, copy)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(copy.parent)

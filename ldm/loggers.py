@@ -25,8 +25,11 @@ def wandb_logger(save_dir: str, project: str = "ldm", name: str | None = None, l
         run_id = secrets.token_hex(4)
         with atomic_write(id_file) as handle:
             handle.write(run_id.encode())
-    return WandbLogger(save_dir=save_dir, id=run_id, resume="allow", project=project, name=name,
-                       log_model=log_model, entity=entity, group=group, tags=list(tags) if tags else None)
+    logger = WandbLogger(save_dir=save_dir, id=run_id, resume="allow", project=project, name=name,
+                         log_model=log_model, entity=entity, group=group, tags=list(tags) if tags else None)
+    # Lightning always passes `anonymous` (None) to wandb.init, and wandb warns that the setting is ignored
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 class _ContinuedWriter(ExperimentWriter):

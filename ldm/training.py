@@ -19,9 +19,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.build import resolve_precision
-from ldm.callbacks.last_checkpoint import LAST
-from ldm.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
-from ldm.validate import check_config
+from ldm.callbacks.last_checkpoint import newest_readable
+from ldm.checkpoint import CheckpointError, load_checkpoint
+from ldm.checkpoint_io import AtomicCheckpointIO
+from ldm.checks import check_training
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,27 @@ def _instantiate_group(group: DictConfig | None) -> list:
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int | None]:
-    """The checkpoint to continue from and its step: `resume: auto` takes this run directory's last.ckpt."""
+    """The checkpoint to continue from and its step.
+
+    `resume: auto` takes this run directory's last.ckpt, or, when that cannot be read, the newest
+    readable checkpoint beside it (with a warning); none at all starts the run afresh."""
     if cfg.resume in (None, False):
         return None, None
-    path = run_dir / "checkpoints" / LAST if cfg.resume == "auto" else Path(cfg.resume)
-    if cfg.resume == "auto" and not path.is_file():
-        return None, None
-    try:
-        step = load_checkpoint(path)["global_step"]
-    except CheckpointError as err:
-        raise CheckpointError(f"resume={cfg.resume}: {err}") from err
-    return str(path), int(step)
+    if cfg.resume == "auto":
+        try:
+            found = newest_readable(run_dir / "checkpoints")
+        except CheckpointError as err:
+            raise CheckpointError(f"resume=auto: {err}") from err
+        if found is None:
+            return None, None
+        path, checkpoint = found
+    else:
+        path = Path(cfg.resume)
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"resume={cfg.resume}: {err}") from err
+    return str(path), int(checkpoint["global_step"])
 
 
 def task_module(name: str):
@@ -55,23 +66,11 @@ def task_module(name: str):
     return importlib.import_module(TASKS[name])
 
 
-def check_training_config(cfg: DictConfig) -> None:
-    """Every key of every node against the constructor it goes to, before anything is built."""
-    from ldm.autoencoders.training import AutoencoderTraining
-    from ldm.diffusion import LatentDiffusion
-
-    check_config(cfg, targets={"diffusion": LatentDiffusion, "vae": AutoencoderTraining}, passed_by_code={
-        "diffusion": ("autoencoder", "conditioner", "denoiser", "schedule", "sampler", "image_size", "optimizer",
-                      "lr_scheduler", "seed"),
-        "vae": ("autoencoder",), "trainer": ("callbacks", "logger", "plugins"),
-        "optimizer": ("params",), "lr_scheduler": ("optimizer",)})
-
-
 def train(cfg: DictConfig) -> float | None:
     """Train the configured task; returns the best validation loss (the metric a sweeper optimizes)."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    check_training(cfg)
     task = task_module(cfg.task)
-    check_training_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

@@ -14,18 +14,12 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.errors import ConfigError  # noqa: F401  (raised by check_config; imported from here by callers)
+
 # Hydra's own keys, read by instantiate and never passed to the target
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 # top-level nodes that are not instantiated as they are: Hydra's settings
 SKIPPED_ROOTS = frozenset({"hydra"})
-
-
-class ConfigError(ValueError):
-    """One or more config mistakes, one line each."""
-
-    def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        super().__init__("invalid config:\n  " + "\n  ".join(self.errors))
 
 
 def accepted_keys(target: Callable) -> frozenset[str] | None:

@@ -29,7 +29,7 @@ def test_before_the_ema_starts_everything_uses_the_raw_weights(tmp_path):
     assert len(losses) == 3 and len(set(losses)) == 3, f"validation did not see training progress: {losses}"
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert "ema_state_dict" not in checkpoint
-    _, module = load_run(tmp_path)
+    _, module = load_run(tmp_path, trusted=["probes.RecordWeights"])
     for name, raw in RecordWeights.last.items():
         torch.testing.assert_close(dict(module.named_parameters())[name].detach(), raw, rtol=0, atol=0)
     assert module.denoiser.final_layer.linear.weight.abs().max() > 0  # not the zero-initialized output layer
@@ -44,7 +44,7 @@ def test_checkpoints_hold_raw_weights_and_the_ema_apart(tmp_path):
     for name, value in RecordWeights.last.items():
         torch.testing.assert_close(raw[name], value, rtol=0, atol=0)  # raw: where training stopped
     assert any(not torch.equal(raw[name], average[name]) for name in average)
-    _, module = load_run(tmp_path)  # sampling uses the average
+    _, module = load_run(tmp_path, trusted=["probes.RecordWeights"])  # sampling uses the average
     for name, value in average.items():
         torch.testing.assert_close(dict(module.named_parameters())[name].detach(), value, rtol=0, atol=0)
 

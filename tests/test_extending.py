@@ -77,7 +77,7 @@ def test_it_trains_in_the_app_and_samples_with_every_sampler(tmp_path):
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     loss = train(cfg)
     assert loss is not None and torch.isfinite(torch.tensor(loss))
-    _, module = load_run(tmp_path)
+    _, module = load_run(tmp_path, trusted=["test_extending.SqrtVP"])
     assert isinstance(module.schedule, SqrtVP)
     labels = {"label": torch.tensor([0, 5])}
     for name, sampler in SAMPLERS.items():

@@ -51,3 +51,47 @@ def test_the_sampler_argument_is_used(trained_run, tmp_path):
     from ldm.images import to_uint8
 
     assert np.abs(to_uint8(images).astype(int) - heun.astype(int)).max() <= 1
+
+
+# ---- the arguments are checked before the model is built -----------------------------------------
+
+def _sample_in_process(trained_run, tmp_path, monkeypatch, *overrides):
+    """Run `sample(cfg)` with building the model replaced by a failure: what passes reaches the build."""
+    from conftest import compose_config
+
+    import ldm.sampling
+
+    def no_build(*args, **kwargs):
+        raise RuntimeError("the model was built")
+    monkeypatch.setattr(ldm.sampling, "build_run", no_build)
+    cfg = compose_config([f"run={trained_run}", f"out={tmp_path / 'out.npz'}", *overrides], name="sample")
+    return ldm.sampling.sample(cfg)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("prompts='a small red circle'", "prompts="),   # one string, not a list: was one prompt per character
+    ("labels=[3,12]", "labels="),                   # the digits run has classes 0..9
+    ("labels=3", "labels="),
+    ("steps=0", "steps="),                          # was: the run's own step count
+    ("n=0", "n="),
+    ("batch_size=-1", "batch_size="),
+    ("guidance=-1", "guidance="),
+])
+def test_bad_arguments_fail_before_the_model_is_built(trained_run, tmp_path, monkeypatch, override, key):
+    from ldm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        _sample_in_process(trained_run, tmp_path, monkeypatch, override)
+    assert key in str(caught.value)
+
+
+def test_guidance_zero_is_allowed(trained_run, tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="the model was built"):
+        _sample_in_process(trained_run, tmp_path, monkeypatch, "guidance=0")
+
+
+def test_progress_shows_one_line_per_batch_when_piped(trained_run, tmp_path):
+    result = run_script("sample.py", f"run={trained_run}", "n=5", "batch_size=2", "steps=1",
+                        f"out={tmp_path / 'out.npz'}")
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "sampled " in line]
+    assert [line.split("sampled ")[1].strip() for line in lines] == ["2/5", "4/5", "5/5"]

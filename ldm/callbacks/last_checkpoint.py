@@ -1,14 +1,26 @@
-"""`last.ckpt`, rewritten at every validation and when training ends: what `resume=auto` continues from."""
+"""`last.ckpt`, rewritten at every validation and when training ends: what `resume=auto` continues from.
+
+Before each rewrite the current `last.ckpt` is kept as `previous.ckpt` (a hard link, so no copy is
+made, though the older weights stay on disk). If `last.ckpt` cannot be read (a disk fault, a copy cut
+short), `resume=auto` and `sample.py` fall back to the newest readable of `previous.ckpt` and the
+other checkpoints in the folder, with a warning.
+"""
 
 from __future__ import annotations
 
+import logging
+import zipfile
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Checkpoint
 
-from ldm.files import remove_partial_files
+from ldm.checkpoint import CheckpointError, load_checkpoint
+from ldm.files import keep_copy, remove_partial_files
+
+log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+PREVIOUS = "previous.ckpt"
 
 
 class LastCheckpoint(Checkpoint):
@@ -33,6 +45,9 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
             return
+        # a file whose zip directory is incomplete is no checkpoint: it must not replace a good previous one
+        if trainer.is_global_zero and self.path.is_file() and zipfile.is_zipfile(self.path):
+            keep_copy(self.path, self.dirpath / PREVIOUS)
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
@@ -45,3 +60,36 @@ class LastCheckpoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         self._saved_step = checkpoint.get("global_step", -1)
+
+
+def fallback_order(dirpath: str | Path) -> list[Path]:
+    """The checkpoints to try in order: last.ckpt, then previous.ckpt and the best-by-metric ones, newest first."""
+    dirpath = Path(dirpath)
+    if not dirpath.is_dir():
+        return []
+    others = [path for path in dirpath.glob("*.ckpt") if path.name != LAST and path.is_file()]
+    # by when their contents were written (a hard link keeps the time of the write it shares)
+    others.sort(key=lambda path: path.stat().st_mtime_ns, reverse=True)
+    last = dirpath / LAST
+    return ([last] if last.is_file() else []) + others
+
+
+def newest_readable(dirpath: str | Path) -> tuple[Path, dict] | None:
+    """The first checkpoint of `fallback_order` that loads, and its contents; None when there is none at all.
+
+    Each unreadable one is skipped with a warning naming it and why; CheckpointError when none loads."""
+    skipped = []
+    for path in fallback_order(dirpath):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        for reason in skipped:
+            log.warning("skipping an unreadable checkpoint: %s; using %s (step %s) instead",
+                        reason, path, checkpoint.get("global_step", "?"))
+        return path, checkpoint
+    if skipped:
+        raise CheckpointError(f"no checkpoint in {dirpath} can be read:\n  " + "\n  ".join(skipped)
+                              + "\nmove them away to start this run over, or resume from another file")
+    return None

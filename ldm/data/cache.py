@@ -14,6 +14,8 @@ import hashlib
 import itertools
 import json
 import logging
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -108,12 +110,33 @@ def _reads_image(embedder: torch.nn.Module) -> bool:
     return embedder.input_key == IMAGE
 
 
+class _BuildProgress:
+    """A log line every `fraction` of the items or every `seconds` (a large data set takes hours to encode)."""
+
+    def __init__(self, total: int, fraction: float = 0.1, seconds: float = 10.0):
+        self.total, self.seconds, self.done = total, seconds, 0
+        self.every_items = max(1, math.ceil(total * fraction))
+        self.start = self.last_time = time.monotonic()
+        self.next_items = self.every_items
+
+    def update(self, items: int) -> None:
+        self.done += items
+        now = time.monotonic()
+        if self.done >= self.next_items or now - self.last_time >= self.seconds or self.done == self.total:
+            rate = self.done / max(now - self.start, 1e-9)
+            log.info("cache: %d/%d items (%.0f%%), %.1f items/s", self.done, self.total,
+                     100 * self.done / max(self.total, 1), rate)
+            self.last_time = now
+            self.next_items = (self.done // self.every_items + 1) * self.every_items
+
+
 @torch.no_grad()
 def compute_cache(dataset: Dataset, variants: list, autoencoder, frozen: dict[int, torch.nn.Module],
                   batch_size: int, num_workers: int = 0, device="cpu") -> dict[str, torch.Tensor]:
     """Every item's tensors; what depends on the image has shape (N, num_variants, ...), the rest (N, ...)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks: dict[str, list[torch.Tensor]] = {}
+    progress = _BuildProgress(len(dataset))
     for batch in loader:
         per_variant: dict[str, list[torch.Tensor]] = {}
         images = batch[IMAGE].to(device)
@@ -132,6 +155,7 @@ def compute_cache(dataset: Dataset, variants: list, autoencoder, frozen: dict[in
                 outputs.update({condition_key(index, out): v for out, v in embedder(batch[embedder.input_key]).items()})
         for key, value in outputs.items():
             chunks.setdefault(key, []).append(value.cpu())
+        progress.update(len(images))
     return {key: torch.cat(values).contiguous() for key, values in chunks.items()}
 
 

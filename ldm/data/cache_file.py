@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,8 +70,10 @@ def load_or_build(path: Path, build: Callable[[], Contents], check: Callable[[Co
         for stale in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
         log.info("building cache %s", path)
+        started = time.monotonic()
         contents = build()
         write(path, *contents)
+        log.info("built cache %s in %.1f s", path, time.monotonic() - started)
         return contents
     finally:
         lock.release()

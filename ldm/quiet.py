@@ -1,0 +1,47 @@
+"""Known-harmless library messages, silenced one by one so that every other warning still shows.
+
+Only the standard library is imported here: this runs on `import ldm`, before Hydra parses the
+arguments, so it must not load torch or Lightning (that would make `--help` slow)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# (message regex, category, module regex of the code that warns, why it is harmless)
+KNOWN_WARNINGS = [
+    # the frozen stages (autoencoder, frozen text towers) are kept in eval mode on purpose
+    # (LatentDiffusion.train); the model summary still counts the modules in eval mode
+    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning, r"lightning\.pytorch"),
+    # Lightning's own pytree helper builds a LeafSpec, which torch deprecated; nothing of ours uses it
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch"),
+]
+
+# info lines Lightning logs on every run to advertise its cloud products (litlogger, litmodels):
+# (logger, message prefix); Lightning has no switch for them
+KNOWN_LOG_LINES = [
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),
+]
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_known_warnings() -> None:
+    """Install the filters above (idempotent: filterwarnings replaces a duplicate, loggers are checked)."""
+    # `import lightning` gives the "lightning" logger a console handler of its own; imported after Hydra has
+    # set up logging (the entry points import it late, for a fast --help), its records would also reach
+    # Hydra's handlers and every Lightning line would be printed twice
+    logging.getLogger("lightning").propagate = False
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, prefix in KNOWN_LOG_LINES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))
