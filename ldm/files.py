@@ -48,15 +48,17 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_partial_files(directory: str | Path) -> list[Path]:
+def remove_partial_files(directory: str | Path, only_dead_writers: bool = True) -> list[Path]:
     """Delete the temporaries that killed writes left in `directory`; returns what was removed.
 
-    A temporary whose writer is still running on this machine (its pid is in the name) is left alone,
-    so a cleanup never breaks another process's write in progress."""
+    By default a temporary whose writer is still running on this machine (its pid is in the name) is
+    left alone, so a cleanup never breaks another process's write in progress. A directory with one
+    writer that is not writing yet passes `only_dead_writers=False`: a reused pid cannot keep a leftover."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [path for path in sorted(directory.glob(f".*{TEMP_SUFFIX}")) if not _writer_alive(path)]
+    stale = [path for path in sorted(directory.glob(f".*{TEMP_SUFFIX}"))
+             if not (only_dead_writers and _writer_alive(path))]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

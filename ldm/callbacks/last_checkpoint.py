@@ -40,7 +40,8 @@ class LastCheckpoint(Checkpoint):
 
     def setup(self, trainer, pl_module, stage):
         if trainer.is_global_zero:
-            remove_partial_files(self.dirpath)  # leftovers of writes that a kill interrupted
+            # leftovers of writes that a kill interrupted; rank 0 is the only writer here and has not started
+            remove_partial_files(self.dirpath, only_dead_writers=False)
 
     def _save(self, trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
