@@ -23,3 +23,9 @@ def randn(
     """Unit noise of `shape`, drawn on the generator's device (same draws whatever `device`), returned on `device`."""
     noise = torch.randn(shape, generator=generator, device=generator_device(generator, device), dtype=dtype)
     return noise if device is None else noise.to(device)
+
+
+def rand(size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+    """U(0, 1) draws (size,), drawn on the generator's device and returned on `device`."""
+    draws = torch.rand(size, generator=generator, device=generator_device(generator, device))
+    return draws if device is None else draws.to(device)

@@ -54,7 +54,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int |
     else:
         path = Path(cfg.resume)
         try:
-            checkpoint = load_checkpoint(path)
+            checkpoint = load_checkpoint(path, mmap=True)  # only its step is read here
         except CheckpointError as err:
             raise CheckpointError(f"resume={cfg.resume}: {err}") from err
     return str(path), int(checkpoint["global_step"])

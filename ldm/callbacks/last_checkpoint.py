@@ -81,8 +81,8 @@ def newest_readable(dirpath: str | Path) -> tuple[Path, dict] | None:
     Each unreadable one is skipped with a warning naming it and why; CheckpointError when none loads."""
     skipped = []
     for path in fallback_order(dirpath):
-        try:
-            checkpoint = load_checkpoint(path)
+        try:  # memory-mapped: finding the checkpoint must not read it whole before Lightning reads it again
+            checkpoint = load_checkpoint(path, mmap=True)
         except CheckpointError as err:
             skipped.append(str(err))
             continue

@@ -8,12 +8,7 @@ from torch import nn
 from ldm.conditioners.conditioning import Conditioning
 from ldm.conditioners.embedder import Embedder
 from ldm.data.batch import cached_outputs
-from ldm.noise import generator_device
-
-
-def _uniform(size: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """U(0, 1) draws on the generator's device, returned on `device`."""
-    return torch.rand(size, generator=generator, device=generator_device(generator, device)).to(device)
+from ldm.noise import rand
 
 
 class Conditioner(nn.Module):
@@ -55,7 +50,7 @@ class Conditioner(nn.Module):
     def _bernoulli(self, rate: float, batch_size: int, device, generator: torch.Generator | None) -> torch.Tensor:
         if not self.training or rate <= 0:
             return torch.zeros(batch_size, dtype=torch.bool, device=device)
-        return _uniform(batch_size, generator, device) < rate
+        return rand(batch_size, generator, device) < rate
 
     def _embed(self, index: int, embedder: Embedder, batch: dict) -> dict[str, torch.Tensor]:
         cached = cached_outputs(batch, index, embedder.outputs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm.noise import generator_device, randn
+from ldm.noise import generator_device, rand, randn
 
 Tensor = torch.Tensor
 
@@ -22,7 +22,7 @@ class Uniform:
     """t ~ U(0, 1)."""
 
     def __call__(self, batch_size: int, parameterization, generator: torch.Generator | None = None) -> Tensor:
-        return torch.rand(batch_size, generator=generator, device=generator_device(generator))
+        return rand(batch_size, generator)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Mode:
             raise ValueError(f"schedule.time_sampler.scale must be in [-1, 2 / (pi - 2) = 1.752], got {self.scale}")
 
     def __call__(self, batch_size: int, parameterization, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(batch_size, generator=generator, device=generator_device(generator))
+        u = rand(batch_size, generator)
         return 1 - u - self.scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
 
 
