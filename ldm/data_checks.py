@@ -151,7 +151,11 @@ def autoencoder_problems(found: Findings) -> None:
     channels = found.value("data.channels")
     in_channels = found.value("autoencoder.in_channels")
     weights = found.value("autoencoder.weights")
-    stored = weight_config(found, weights) if isinstance(weights, str) else None
+    own_format = found.value("autoencoder._target_") == "ldm.autoencoders.kl.KLAutoencoder"
+    if isinstance(weights, str) and not own_format and not Path(weights).expanduser().exists():
+        found.add(f"autoencoder.weights={weights} does not exist: give the pretrained autoencoder's weights "
+                  "(a diffusers directory, a pipeline directory with vae/, or a weights file)")
+    stored = weight_config(found, weights) if isinstance(weights, str) and own_format else None
     if stored:
         stored_in = stored.get("in_channels")
         if is_int(stored_in) and is_int(channels) and stored_in != channels:

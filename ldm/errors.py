@@ -86,8 +86,22 @@ def reported_user_errors(new_run_dir: str | Path | None = None):
     When debugging the error propagates with its traceback (after the same clean-up)."""
     try:
         yield
-    except user_error_types() as error:
+    except Exception as error:  # noqa: BLE001 - only user errors are handled, the rest re-raised
+        cause = user_error_cause(error)
+        if cause is None:
+            raise
         remove_new_run_dir(new_run_dir)
         if debugging():
             raise
-        exit_for(error)
+        exit_for(cause)
+
+
+def user_error_cause(error: BaseException) -> BaseException | None:
+    """`error` itself or the user error it wraps (Hydra wraps what a constructor raises), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, user_error_types()):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None

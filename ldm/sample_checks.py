@@ -51,10 +51,17 @@ def interval_problems(found: Findings) -> None:
 
 
 def run_config(found: Findings) -> DictConfig | None:
-    if OmegaConf.is_missing(found.cfg, "run"):
-        found.add("run: missing; give the training run directory, e.g. sample.py run=runs/2026-11-22/10-00-00")
+    experiment = found.cfg.get("preset")
+    run = None if OmegaConf.is_missing(found.cfg, "run") else found.value("run")
+    if run is not None and experiment is not None:
+        found.add(f"run={run} and preset={experiment}: give one, a training run directory or a preset")
         return None
-    run = found.value("run")
+    if run is None and experiment is not None:
+        return preset_run_config(found, str(experiment))
+    if run is None:
+        found.add("run: missing; give the training run directory, e.g. sample.py run=runs/2026-11-22/10-00-00, "
+                  "or a preset with its weights: preset=EXPERIMENT preset_overrides='[model.weights=FILE]'")
+        return None
     path = Path(str(run)).expanduser() / CONFIG_FILE
     if not path.is_file():
         found.add(f"run={run}: {path} not found: run= must be a training run directory (it holds {CONFIG_FILE})")
@@ -69,6 +76,21 @@ def run_config(found: Findings) -> DictConfig | None:
         found.add(f"run={run} is a task={task} run; sampling needs a diffusion run (task=diffusion)")
         return None
     return run_cfg
+
+
+def preset_run_config(found: Findings, experiment: str) -> DictConfig | None:
+    """The composed preset, or None with the problems added (an unknown preset, weights left to give)."""
+    from ldm.presets import missing_values, preset_config
+
+    try:
+        cfg = preset_config(experiment, list(found.cfg.get("preset_overrides") or []))
+    except ConfigError as error:
+        found.problems.extend(error.errors)
+        return None
+    for key in missing_values(cfg):
+        found.add(f"preset={experiment} needs {key}: add it to preset_overrides, e.g. "
+                  f"preset_overrides='[{key}=/path/to/weights]'")
+    return None if found.problems else cfg
 
 
 def condition_facts(run_cfg: DictConfig | None) -> tuple[set[str] | None, int | None]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks.last_checkpoint import newest_readable
 from ldm.checkpoint import CheckpointError, load_checkpoint
@@ -39,6 +39,20 @@ def run_config(run_dir: str | Path, trusted: Iterable[str] = ()) -> DictConfig:
     if cfg.get("task", "diffusion") != "diffusion":
         raise UserError(f"run={run_dir} is a task={cfg.task} run; sampling needs a diffusion run")
     return cfg
+
+
+def preset_sampling(cfg: DictConfig) -> bool:
+    """sample.py preset=EXPERIMENT without run=: a model built from the weight files its config names."""
+    return OmegaConf.is_missing(cfg, "run") or cfg.run is None
+
+
+def sampling_config(cfg: DictConfig) -> DictConfig:
+    """The model's config: the run directory's (checked against the allow-list), or a composed preset's."""
+    if preset_sampling(cfg):
+        from ldm.presets import preset_config
+
+        return preset_config(cfg.preset, list(cfg.get("preset_overrides") or []))
+    return run_config(cfg.run, cfg.get("trusted_targets") or ())
 
 
 def run_checkpoint(run_dir: Path, which: str) -> dict:
@@ -132,11 +146,15 @@ def requested_conditions(cfg: DictConfig, run_cfg: DictConfig) -> tuple[dict, di
 
 def sample(cfg: DictConfig) -> Path:
     check_sampling(cfg)  # the arguments, before the run's config is built
-    run_dir = Path(cfg.run)
-    run_cfg = run_config(run_dir, cfg.get("trusted_targets") or ())
+    run_cfg = sampling_config(cfg)
     conditions, stored = requested_conditions(cfg, run_cfg)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    module = build_run(run_cfg, run_dir, cfg.checkpoint, device)
+    if preset_sampling(cfg):  # the weights come from the files the preset's config names
+        from ldm.build import build_diffusion
+
+        module = build_diffusion(run_cfg).to(device).eval()
+    else:
+        module = build_run(run_cfg, Path(cfg.run), cfg.checkpoint, device)
     sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else module.sampler
     generator = torch.Generator().manual_seed(cfg.seed)
     images = []

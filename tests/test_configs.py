@@ -15,7 +15,13 @@ GROUPS = ["data", "autoencoder", "conditioner", "model", "schedule", "sampler", 
           "experiment", "hparams_search", "launcher", "debug", "task", "optimizer", "lr_scheduler"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 # building these allocates hundreds of millions of parameters: their sizes are checked on the meta device
-LARGE = {("model", "dit_l"), ("model", "dit_xl"), ("model", "unet_sd"), ("model", "dit_b")}
+LARGE = {("model", "dit_l"), ("model", "dit_xl"), ("model", "unet_sd"), ("model", "unet_sd2"), ("model", "dit_b"),
+         ("autoencoder", "sd_vae"), ("autoencoder", "sdxl_vae"), ("autoencoder", "sd3_vae"),
+         ("autoencoder", "flux_vae")}
+
+# presets that start from published weights: the keys they leave for the user to give
+NEEDS = {("experiment", "dit_xl2_256"): ["dit_weights=/weights/dit.pt", "vae_weights=/weights/vae"],
+         ("experiment", "sd15_finetune"): ["pretrained_dir=/weights/sd15"]}
 
 
 def test_every_group_has_options():
@@ -25,12 +31,12 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes(group, option, tmp_path):
-    cfg = compose_config([f"{group}={option}"], tmp_path)
+    cfg = compose_config([f"{group}={option}", *NEEDS.get((group, option), [])], tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["paths"]["output_dir"] == str(tmp_path)
     # pretrained text towers need their weight files; they are built in tests/test_text.py
     buildable = {"schedule", "sampler", "conditioner", "model"}
-    if group in buildable and (group, option) not in LARGE and option not in ("clip_text", "class_text"):
+    if group in buildable and (group, option) not in LARGE and option not in ("clip_text", "class_text", "sd15_text", "sd2_text"):
         assert hydra.utils.instantiate(cfg[group]) is not None
 
 

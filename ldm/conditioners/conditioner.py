@@ -81,8 +81,17 @@ class Conditioner(nn.Module):
                 null = embedder.null(size, device)
                 outputs = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null[k].to(v.dtype), v)
                            for k, v in outputs.items()}
+            if "tokens" in outputs:
+                # None: an embedder whose tokens are all attended (filled in below if another one masks)
+                parts["token_mask"].append(outputs.pop("token_mask", None))
             for key, value in outputs.items():
                 parts[key].append(value)
+        if all(mask is None for mask in parts["token_mask"]):
+            parts["token_mask"] = []
+        else:
+            parts["token_mask"] = [
+                torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
+                for mask, tokens in zip(parts["token_mask"], parts["tokens"])]
         out = Conditioning(
             vector=torch.cat(parts["vector"], dim=-1) if parts["vector"] else None,
             tokens=torch.cat(parts["tokens"], dim=1) if parts["tokens"] else None,

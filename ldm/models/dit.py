@@ -26,16 +26,28 @@ from ldm.models.layers import (
     zero_init,
 )
 
+POS_EMBED_LAYOUTS = ("row_cos_sin", "col_sin_cos")
 
-def sincos_position_embedding(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed (grid_h * grid_w, dim) embedding: half the channels encode the row, half the column."""
+
+def sincos_position_embedding(dim: int, grid_h: int, grid_w: int, layout: str = "row_cos_sin") -> torch.Tensor:
+    """Fixed (grid_h * grid_w, dim) embedding: half the channels encode the row, half the column.
+
+    `row_cos_sin`: [cos, sin] of the row, then of the column; `col_sin_cos` (the published DiT's and
+    diffusers'): [sin, cos] of the column, then of the row.
+    """
     if dim % 4:
         raise ValueError(f"the 2-D sin-cos position embedding needs hidden_size divisible by 4, got {dim}")
+    if layout not in POS_EMBED_LAYOUTS:
+        raise ValueError(f"model.pos_embed_layout must be one of {', '.join(POS_EMBED_LAYOUTS)}, got {layout!r}")
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
                                 torch.arange(grid_w, dtype=torch.float32), indexing="ij")
     # positions are token indices, so the embedding's own frequencies apply (max period 10000)
-    return torch.cat([timestep_embedding(rows.flatten(), dim // 2),
-                      timestep_embedding(cols.flatten(), dim // 2)], dim=-1)
+    if layout == "row_cos_sin":
+        return torch.cat([timestep_embedding(rows.flatten(), dim // 2),
+                          timestep_embedding(cols.flatten(), dim // 2)], dim=-1)
+    # rolling by a quarter of the width swaps the [cos | sin] halves of each part into [sin | cos]
+    return torch.cat([timestep_embedding(cols.flatten(), dim // 2).roll(dim // 4, dims=-1),
+                      timestep_embedding(rows.flatten(), dim // 2).roll(dim // 4, dims=-1)], dim=-1)
 
 
 class DiTBlock(nn.Module):
@@ -81,15 +93,27 @@ class DiT(nn.Module):
     """Diffusion transformer; `forward(x, t, cond)` returns a tensor of x's shape (zero at init).
 
     `input_size` is the latent size, an int or [h, w]. Conditioning: `vector_dim` adds a vector to
-    the t embedding, `context_dim` adds cross-attention to tokens, `concat_channels` joins an image
-    to the input.
+    the t embedding (a class embedding of width hidden_size is added as it is), `context_dim` adds
+    cross-attention to tokens, `concat_channels` joins an image to the input.
+
+    Time: the network embeds `t * time_scale`. With schedule.time_input=unit (t in [0, 1]) the default
+    1000 gives k + 1 at level k; pretrained DDPM-family weights want the level k itself:
+    schedule.time_input=level with time_scale=1. `time_frequency_shift` picks the sinusoid
+    frequencies: 0 is the published DiT code's, 1 diffusers' DiTTransformer2DModel's.
+
+    `learn_sigma`: the network has twice the output channels, as the published DiT checkpoints
+    (epsilon, then the variance interpolation); `forward` returns the epsilon half and drops the
+    variance half, which the first-order samplers here do not use. `weights`: a DiT checkpoint (the
+    published `.pt` or a diffusers directory, see ldm.pretrained.dit), loaded after initialization.
     """
 
     def __init__(self, input_size: int | list[int] = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  out_channels: int | None = None, vector_dim: int | None = None,
                  context_dim: int | None = None, concat_channels: int = 0, time_scale: float = 1000.0,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, learn_sigma: bool = False,
+                 pos_embed_layout: str = "row_cos_sin", time_frequency_shift: float = 0.0,
+                 weights: str | None = None):
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if height % patch_size or width % patch_size:
@@ -102,6 +126,8 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
+        self.learn_sigma = learn_sigma
+        self.pos_embed_layout = pos_embed_layout
         self.concat_channels = concat_channels
         self.gradient_checkpointing = gradient_checkpointing
         self.consumes = consumed_fields(vector_dim, context_dim, concat_channels)
@@ -109,13 +135,17 @@ class DiT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels + concat_channels, hidden_size, patch_size,
                                      stride=patch_size)
         self.register_buffer("pos_embed", sincos_position_embedding(
-            hidden_size, height // patch_size, width // patch_size)[None], persistent=False)
-        self.t_embedder = TimestepEmbedder(hidden_size, 256, time_scale)
+            hidden_size, height // patch_size, width // patch_size, pos_embed_layout)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden_size, 256, time_scale, time_frequency_shift)
         self.vector_embedder = vector_embedder(vector_dim, hidden_size) if vector_dim else None
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels * (2 if learn_sigma else 1))
         self.initialize_weights()
+        if weights:
+            from ldm.pretrained.dit import load_dit
+
+            load_dit(self, weights)
 
     def initialize_weights(self) -> None:
         """Xavier-uniform linear layers (the patch embedding too), N(0, 0.02) for the t MLP, and the
@@ -154,5 +184,6 @@ class DiT(nn.Module):
                                checkpointing=self.gradient_checkpointing)
         patches = self.final_layer(tokens, c)
         patch = self.patch_size
-        return rearrange(patches, "b (h w) (ph pw c) -> b c (h ph) (w pw)",
-                         h=self.input_size[0] // patch, ph=patch, pw=patch)
+        out = rearrange(patches, "b (h w) (ph pw c) -> b c (h ph) (w pw)",
+                        h=self.input_size[0] // patch, ph=patch, pw=patch)
+        return out[:, : self.out_channels] if self.learn_sigma else out

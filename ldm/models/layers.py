@@ -25,10 +25,15 @@ def run_layer(layer: nn.Module, *args, checkpointing: bool = False):
     return layer(*args)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim) of the transformer's position encoding, in float32."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       frequency_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim), [cos | sin], in float32: frequencies max_period^(-i / (half - shift)).
+
+    Shift 0 is the transformer's position encoding (and the published DiT code); diffusers' DiT uses 1.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+                      / (half - frequency_shift))
     args = t.float()[:, None] * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -39,17 +44,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedder(nn.Module):
     """t -> sinusoidal features of `t * time_scale` -> MLP to `dim`.
 
-    The scale maps t in [0, 1] to DDPM's step range, where the sinusoid frequencies were designed.
+    The scale maps t in [0, 1] to DDPM's step range, where the sinusoid frequencies were designed
+    (1 for a time input that already is the level k); `frequency_shift` as in `timestep_embedding`.
     """
 
-    def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1000.0):
+    def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1000.0,
+                 frequency_shift: float = 0.0):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.time_scale = time_scale
+        self.frequency_shift = frequency_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        features = timestep_embedding(t * self.time_scale, self.frequency_dim)
+        features = timestep_embedding(t * self.time_scale, self.frequency_dim, frequency_shift=self.frequency_shift)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 

@@ -3,7 +3,10 @@
 An encoder of residual blocks and downsamplings, a middle block, and a decoder that upsamples and
 joins the encoder's features through skip connections. Attention runs where the current
 downsampling factor is in `attention_resolutions`: spatial transformers with cross-attention to
-text tokens when `context_dim` is set, plain self-attention otherwise.
+text tokens when `context_dim` is set, plain self-attention otherwise. With `use_scale_shift_norm:
+false`, `num_heads: 8` (SD-1.x) or `num_head_channels: 64` and `use_linear_projection: true` (SD-2.x)
+it has the layout of Stable Diffusion's UNet, and `weights` loads its published weights
+(ldm/pretrained/unet.py).
 
 Every block takes `(x, emb, context, mask)` and ignores what it does not need, so that a stage of
 blocks runs (and is checkpointed) uniformly.
@@ -97,23 +100,32 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """LDM's transformer on feature maps: GroupNorm, 1x1 conv in, transformer blocks over pixels,
-    zero-initialized 1x1 conv out, residual."""
+    """LDM's transformer on feature maps: GroupNorm, projection in, transformer blocks over pixels,
+    zero-initialized projection out, residual. The projections are 1x1 convs, or linear layers on the
+    pixel tokens (`linear_projection`, SD-2.x): the same map, stored with another weight shape."""
 
-    def __init__(self, channels: int, num_heads: int, context_dim: int, depth: int = 1, dropout: float = 0.0):
+    def __init__(self, channels: int, num_heads: int, context_dim: int, depth: int = 1, dropout: float = 0.0,
+                 linear_projection: bool = False):
         super().__init__()
+        self.linear_projection = linear_projection
         self.norm = group_norm(channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        project = nn.Linear if linear_projection else (lambda cin, cout: nn.Conv2d(cin, cout, 1))
+        self.proj_in = project(channels, channels)
         self.blocks = nn.ModuleList(
             TransformerBlock(channels, num_heads, context_dim, dropout) for _ in range(depth))
-        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+        self.proj_out = zero_init(project(channels, channels))
 
     def forward(self, x: torch.Tensor, emb=None, context=None, mask=None) -> torch.Tensor:
-        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        to_tokens, to_map = "b c h w -> b (h w) c", "b (h w) c -> b c h w"
+        if self.linear_projection:
+            h = self.proj_in(rearrange(self.norm(x), to_tokens))
+        else:
+            h = rearrange(self.proj_in(self.norm(x)), to_tokens)
         for block in self.blocks:
             h = block(h, context, mask)
-        h = rearrange(h, "b (h w) c -> b c h w", h=x.shape[-2])
-        return x + self.proj_out(h)
+        if self.linear_projection:
+            return x + rearrange(self.proj_out(h), to_map, h=x.shape[-2])
+        return x + self.proj_out(rearrange(h, to_map, h=x.shape[-2]))
 
 
 class Downsample(nn.Module):
@@ -143,7 +155,9 @@ class UNet(nn.Module):
 
     `channel_mult` sets the width of each resolution level; `attention_resolutions` lists the
     downsampling factors (1, 2, 4, ...) that get attention. Heads: `num_head_channels` (> 0) fixes
-    the width of a head, else `num_heads` fixes their number.
+    the width of a head, else `num_heads` fixes their number. `time_scale` multiplies t before the
+    sinusoids (1 for networks trained on the integer DDPM level). `weights` loads a diffusers UNet
+    directory or an original Stable Diffusion checkpoint.
     """
 
     def __init__(self, in_channels: int = 4, out_channels: int | None = None, channels: int = 128,
@@ -152,7 +166,8 @@ class UNet(nn.Module):
                  vector_dim: int | None = None, context_dim: int | None = None, concat_channels: int = 0,
                  input_size: int | list[int] | None = None, time_scale: float = 1000.0,
                  gradient_checkpointing: bool = False, transformer_depth: int = 1, dropout: float = 0.0,
-                 use_scale_shift_norm: bool = True):
+                 use_scale_shift_norm: bool = True, use_linear_projection: bool = False,
+                 weights: str | None = None):
         super().__init__()
         self.factor = 2 ** (len(channel_mult) - 1)
         if input_size is not None:
@@ -162,18 +177,22 @@ class UNet(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.consumes = consumed_fields(vector_dim, context_dim, concat_channels)
         attention_resolutions = set(attention_resolutions)
-
-        def heads(width: int) -> int:
-            count = width // num_head_channels if num_head_channels > 0 else num_heads
-            if width % count or (num_head_channels > 0 and width % num_head_channels):
-                raise ValueError(f"model=UNet: {width} channels do not split into heads "
-                                 f"(num_heads={num_heads}, num_head_channels={num_head_channels})")
-            return count
+        # the architecture, as the weight readers and writers of ldm/pretrained/unet.py need it
+        self.settings = dict(
+            in_channels=in_channels, out_channels=self.out_channels, channels=channels,
+            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
+            attention_resolutions=sorted(attention_resolutions), num_heads=num_heads,
+            num_head_channels=num_head_channels, vector_dim=vector_dim, context_dim=context_dim,
+            concat_channels=concat_channels, transformer_depth=transformer_depth,
+            use_scale_shift_norm=use_scale_shift_norm, use_linear_projection=use_linear_projection,
+            time_scale=time_scale, input_size=input_size if input_size is None or isinstance(input_size, int)
+            else list(input_size))
 
         def attention(width: int) -> nn.Module:
             if context_dim:
-                return SpatialTransformer(width, heads(width), context_dim, transformer_depth, dropout)
-            return AttentionBlock(width, heads(width))
+                return SpatialTransformer(width, self.heads(width), context_dim, transformer_depth, dropout,
+                                          use_linear_projection)
+            return AttentionBlock(width, self.heads(width))
 
         def res_block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout, use_scale_shift_norm)
@@ -216,6 +235,19 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(width), nn.SiLU(),
                                  zero_init(nn.Conv2d(width, self.out_channels, 3, padding=1)))
+        if weights is not None:
+            from ldm.pretrained.unet import load_unet  # the reader imports this module's blocks
+
+            load_unet(self, weights)
+
+    def heads(self, width: int) -> int:
+        """The number of attention heads of a block `width` channels wide."""
+        num_heads, head_channels = self.settings["num_heads"], self.settings["num_head_channels"]
+        count = width // head_channels if head_channels > 0 else num_heads
+        if not count or width % count or (head_channels > 0 and width % head_channels):
+            raise ValueError(f"model=UNet: {width} channels do not split into heads "
+                             f"(num_heads={num_heads}, num_head_channels={head_channels})")
+        return count
 
     def _check_size(self, height: int, width: int) -> None:
         if height % self.factor or width % self.factor:

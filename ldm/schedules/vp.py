@@ -10,6 +10,11 @@ from ldm.schedules.loss_weights import MinSNRWeight, NoWeight
 
 Tensor = torch.Tensor
 
+TIME_INPUTS = ("unit", "level")
+# A level time (k + 1) / N carried in float32 lands within ~1e-4 of k + 1 once scaled by N <= 10^4;
+# anything farther from an integer is a time between levels and is passed on unrounded.
+LEVEL_SNAP = 1e-3
+
 
 def from_old_spelling(loss_weighting: str | None, min_snr_gamma: float | None, loss_weight) -> object:
     """The `loss_weighting` + `min_snr_gamma` keys that configs had before `loss_weight` (old run directories)."""
@@ -33,6 +38,11 @@ class VPSchedule(Parameterization):
     Between levels alpha and sigma are interpolated linearly: exact at every level in any dtype,
     alpha = 1 and sigma = 0 at t = 0, and well defined when the last level has alpha = 0. In between,
     alpha^2 + sigma^2 departs from 1 by at most 2e-4 (in the first interval, scaled_linear).
+
+    The network's time input (`time_input`): `unit` passes t itself (the network scales it, by
+    model.time_scale = 1000 to k + 1); `level` passes the level k = t * N - 1, exactly an integer at
+    level times, which networks trained with DDPM's integer steps (DiT, Stable Diffusion) expect: pair
+    it with model.time_scale=1. It is computed in float64 and returned in at least float32.
     """
 
     default_time_sampler = "discrete"
@@ -46,7 +56,11 @@ class VPSchedule(Parameterization):
         loss_weight=None,
         loss_weighting: str | None = None,
         min_snr_gamma: float | None = None,
+        time_input: str = "unit",
     ):
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"schedule.time_input must be one of {', '.join(TIME_INPUTS)}, got {time_input!r}")
+        self.time_input = time_input
         self.beta_schedule = beta_schedule
         self.num_timesteps = num_timesteps
         self.zero_terminal_snr = zero_terminal_snr
@@ -68,6 +82,15 @@ class VPSchedule(Parameterization):
             torch.lerp(alpha[lower], alpha[lower + 1], frac),
             torch.lerp(sigma[lower], sigma[lower + 1], frac),
         )
+
+    def model_input(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if self.time_input == "unit":
+            return x_t, t
+        level = t.double() * self.num_timesteps - 1
+        nearest = level.round()
+        level = torch.where((level - nearest).abs() <= LEVEL_SNAP, nearest, level)
+        # bf16 cannot hold the levels above 256 exactly
+        return x_t, level.to(torch.promote_types(t.dtype, torch.float32))
 
     def timesteps(self, n: int) -> Tensor:
         """n evenly spaced levels, the noisiest (k = N - 1, t = 1) included, then 0."""
