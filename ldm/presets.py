@@ -1,6 +1,6 @@
 """A model from an experiment preset and weight files, without a training run directory.
 
-`sample.py preset=dit_xl2_256 preset_overrides='[model.weights=/path/DiT-XL-2-256x256.pt]'` composes
+`sample.py preset=dit_xl2_256 preset_overrides="['dit_weights=DiT-XL-2-256x256.pt','vae_weights=VAE']"` composes
 the training config `conf/train.yaml` with `experiment=NAME` and the overrides, the way `train.py` would,
 and builds the model from the weights the config names (no checkpoint). The presets are the project's
 own files, so nothing in them needs the run-directory allow-list.

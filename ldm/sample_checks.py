@@ -27,7 +27,7 @@ def sampling_problems(cfg: DictConfig) -> list[str]:
     interval_problems(found)
     run_cfg = run_config(found)
     keys, num_classes = condition_facts(run_cfg)
-    label_problems(found, keys, num_classes)
+    label_problems(found, keys, num_classes, run_cfg)
     prompt_problems(found, keys)
     checkpoint = found.value("checkpoint")
     if checkpoint not in ("last", "best", UNKNOWN) and not Path(str(checkpoint)).expanduser().is_file():
@@ -60,7 +60,7 @@ def run_config(found: Findings) -> DictConfig | None:
         return preset_run_config(found, str(experiment))
     if run is None:
         found.add("run: missing; give the training run directory, e.g. sample.py run=runs/2026-11-22/10-00-00, "
-                  "or a preset with its weights: preset=EXPERIMENT preset_overrides='[model.weights=FILE]'")
+                  "or a preset with its weights: preset=EXPERIMENT preset_overrides=\"['model.weights=FILE']\"")
         return None
     path = Path(str(run)).expanduser() / CONFIG_FILE
     if not path.is_file():
@@ -89,7 +89,7 @@ def preset_run_config(found: Findings, experiment: str) -> DictConfig | None:
         return None
     for key in missing_values(cfg):
         found.add(f"preset={experiment} needs {key}: add it to preset_overrides, e.g. "
-                  f"preset_overrides='[{key}=/path/to/weights]'")
+                  f"preset_overrides=\"['{key}=/path/to/weights']\"")
     return None if found.problems else cfg
 
 
@@ -106,7 +106,16 @@ def condition_facts(run_cfg: DictConfig | None) -> tuple[set[str] | None, int | 
     return keys, num_classes if is_int(num_classes) else None
 
 
-def label_problems(found: Findings, keys: set[str] | None, num_classes: int | None) -> None:
+def class_names_of(run_cfg: DictConfig | None) -> str | None:
+    """The named class list (e.g. "imagenet") of the run's label embedder, for labels given by name."""
+    embedders = Findings(run_cfg).node("conditioner.embedders") if run_cfg is not None else None
+    embedders = OmegaConf.to_container(embedders, resolve=False) if OmegaConf.is_list(embedders) else []
+    return next((node["class_names"] for node in embedders
+                 if isinstance(node, dict) and isinstance(node.get("class_names"), str)), None)
+
+
+def label_problems(found: Findings, keys: set[str] | None, num_classes: int | None,
+                   run_cfg: DictConfig | None = None) -> None:
     labels = found.value("labels")
     if labels is None or labels is UNKNOWN:
         return
@@ -115,9 +124,19 @@ def label_problems(found: Findings, keys: set[str] | None, num_classes: int | No
         return
     if not labels:
         found.add("labels=[] is empty: give at least one class label, e.g. labels=[3], or labels=null")
+    names = class_names_of(run_cfg)
+    if names is not None and any(isinstance(label, str) for label in labels):
+        from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
+
+        try:
+            labels = class_indices(labels, CLASS_NAMES[names]())
+        except ValueError as error:
+            found.add(f"labels: {error}")
+            return
     wrong = [label for label in labels if not is_int(label)]
     if wrong:
-        found.add(f"labels={labels}: {wrong[0]!r} is not a whole number; labels are class indices, e.g. labels=[3,7]")
+        found.add(f"labels={labels}: {wrong[0]!r} is not a whole number; labels are class indices, e.g. "
+                  "labels=[3,7] (or names, for runs with class_names)")
     elif num_classes is not None and any(not 0 <= label < num_classes for label in labels):
         outside = next(label for label in labels if not 0 <= label < num_classes)
         found.add(f"labels={labels}: {outside} is not a class of the run; it has classes 0..{num_classes - 1}")

@@ -21,7 +21,7 @@ from ldm.callbacks.last_checkpoint import newest_readable
 from ldm.checkpoint import CheckpointError, load_checkpoint
 from ldm.errors import ConfigError, UserError
 from ldm.images import make_grid, save_png, to_uint8
-from ldm.sample_checks import check_sampling
+from ldm.sample_checks import check_sampling, class_names_of
 from ldm.trust import load_run_config
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,12 @@ def requested_conditions(cfg: DictConfig, run_cfg: DictConfig) -> tuple[dict, di
         conditions[CAPTION], stored["prompts"] = captions, np.array(captions)
     if LABEL in inputs:
         if cfg.labels is not None:
-            labels = torch.tensor([cfg.labels[i % len(cfg.labels)] for i in range(cfg.n)])
+            given = list(cfg.labels)
+            if names := class_names_of(run_cfg):  # labels may be class names, e.g. ["golden retriever"]
+                from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
+
+                given = class_indices(given, CLASS_NAMES[names]())
+            labels = torch.tensor([given[i % len(given)] for i in range(cfg.n)])
         else:
             labels = torch.arange(cfg.n) * num_classes // cfg.n  # spread evenly over the classes, in order
         conditions[LABEL], stored["labels"] = labels, labels.numpy()

@@ -91,7 +91,7 @@ class Conditioner(nn.Module):
         else:
             parts["token_mask"] = [
                 torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
-                for mask, tokens in zip(parts["token_mask"], parts["tokens"])]
+                for mask, tokens in zip(parts["token_mask"], parts["tokens"], strict=True)]
         out = Conditioning(
             vector=torch.cat(parts["vector"], dim=-1) if parts["vector"] else None,
             tokens=torch.cat(parts["tokens"], dim=1) if parts["tokens"] else None,
