@@ -1,0 +1,3 @@
+from ldm.bench.cli import main
+
+main()
