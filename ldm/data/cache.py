@@ -6,6 +6,7 @@ batch keys are those of ldm/data/batch.py. Only what is deterministic is stored:
 augmentation is refused. The file name hashes the data config, the data's content (when the
 dataset can describe it), the encoders' classes and weights, and CACHE_FORMAT, so a change to any
 of them builds a new file. Training from the cache reads the dataset's `metadata(i)`, never an image.
+The same tensors go to litdata shards on disk instead, for data larger than memory: ldm/data/shards.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,7 +44,7 @@ def data_identity(data_cfg) -> dict:
     """The part of a data config that determines the data itself (what the cache key hashes)."""
     from omegaconf import OmegaConf
 
-    loading = {"batch_size", "val_batch_size", "num_workers", "cache", "cache_dir"}
+    loading = {"batch_size", "val_batch_size", "global_batch_size", "num_workers", "cache", "cache_dir"}
     return {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in loading}
 
 
@@ -131,11 +133,10 @@ class _BuildProgress:
 
 
 @torch.no_grad()
-def compute_cache(dataset: Dataset, variants: list, autoencoder, frozen: dict[int, torch.nn.Module],
-                  batch_size: int, num_workers: int = 0, device="cpu") -> dict[str, torch.Tensor]:
-    """Every item's tensors; what depends on the image has shape (N, num_variants, ...), the rest (N, ...)."""
+def encode_batches(dataset: Dataset, variants: list, autoencoder, frozen: dict[int, torch.nn.Module],
+                   batch_size: int, num_workers: int = 0, device="cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """Each batch's tensors in dataset order, on the CPU; what depends on the image is (B, num_variants, ...)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    chunks: dict[str, list[torch.Tensor]] = {}
     progress = _BuildProgress(len(dataset))
     for batch in loader:
         per_variant: dict[str, list[torch.Tensor]] = {}
@@ -153,9 +154,17 @@ def compute_cache(dataset: Dataset, variants: list, autoencoder, frozen: dict[in
         for index, embedder in frozen.items():
             if not _reads_image(embedder):
                 outputs.update({condition_key(index, out): v for out, v in embedder(batch[embedder.input_key]).items()})
-        for key, value in outputs.items():
-            chunks.setdefault(key, []).append(value.cpu())
         progress.update(len(images))
+        yield {key: value.cpu() for key, value in outputs.items()}
+
+
+def compute_cache(dataset: Dataset, variants: list, autoencoder, frozen: dict[int, torch.nn.Module],
+                  batch_size: int, num_workers: int = 0, device="cpu") -> dict[str, torch.Tensor]:
+    """Every item's tensors; what depends on the image has shape (N, num_variants, ...), the rest (N, ...)."""
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for outputs in encode_batches(dataset, variants, autoencoder, frozen, batch_size, num_workers, device):
+        for key, value in outputs.items():
+            chunks.setdefault(key, []).append(value)
     return {key: torch.cat(values).contiguous() for key, values in chunks.items()}
 
 
@@ -176,6 +185,13 @@ class CachedDataset(Dataset):
         item.update({key: value[i, variant] if key in self.variant_keys else value[i]
                      for key, value in self.tensors.items()})
         return item
+
+
+def stored_keys(frozen: dict[int, torch.nn.Module]) -> tuple[set[str], set[str]]:
+    """The keys the cache stores per item, and those of them stored per image variant."""
+    variant_keys = {LATENT_MEAN, LATENT_STD} | {condition_key(i, out) for i, embedder in frozen.items()
+                                                if _reads_image(embedder) for out in embedder.outputs}
+    return variant_keys | {condition_key(i, out) for i in frozen for out in frozen[i].outputs}, variant_keys
 
 
 def _checker(length: int, keys: set[str], variant_keys: set[str], num_variants: int):
@@ -203,9 +219,7 @@ def cached_dataset(dataset: Dataset, split: str, data_config: dict, autoencoder,
     plain, variants = cacheable_variants(dataset)
     key = cache_fingerprint(data_config, split, dataset, autoencoder, frozen)
     path = Path(cache_dir) / f"{split}-{key}.safetensors"
-    variant_keys = {LATENT_MEAN, LATENT_STD} | {condition_key(i, out) for i, embedder in frozen.items()
-                                                if _reads_image(embedder) for out in embedder.outputs}
-    keys = variant_keys | {condition_key(i, out) for i in frozen for out in frozen[i].outputs}
+    keys, variant_keys = stored_keys(frozen)
 
     def build():
         check_deterministic(plain)

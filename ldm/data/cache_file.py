@@ -1,11 +1,13 @@
-"""A cache file: built by one process while the others wait, written atomically, checked when read."""
+"""A cache file (or shard directory): built by one process while the others wait, published whole, checked when read."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from filelock import FileLock, Timeout
@@ -17,6 +19,7 @@ from ldm.files import TEMP_SUFFIX, atomic_write
 log = logging.getLogger(__name__)
 
 Contents = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, string metadata
+T = TypeVar("T")
 
 
 class InvalidCache(ValueError):
@@ -44,9 +47,26 @@ def load_or_build(path: Path, build: Callable[[], Contents], check: Callable[[Co
     """Read `path` if it holds a valid cache, else build and write it; one process builds at a time.
 
     `check` raises InvalidCache for contents that do not fit; such a file is rebuilt with a warning."""
-    try:  # the common case, no lock: files only ever appear whole under their real name
+    def load() -> Contents:
         contents = read(path)
         check(contents)
+        return contents
+
+    def build_and_write() -> Contents:
+        contents = build()
+        write(path, *contents)
+        return contents
+
+    return build_once(path, load, build_and_write)
+
+
+def build_once(path: Path, load: Callable[[], T], build: Callable[[], T]) -> T:
+    """`load()` what `path` holds, or, when it raises InvalidCache, `build()` it there; one process builds at a time.
+
+    `build` publishes `path` whole (a rename), so a reader without the lock never sees a partial cache.
+    An unusable one is rebuilt with a warning."""
+    try:  # the common case, no lock: caches only ever appear whole under their real name
+        contents = load()
         log.info("reading cache %s", path)
         return contents
     except InvalidCache:
@@ -61,19 +81,24 @@ def load_or_build(path: Path, build: Callable[[], Contents], check: Callable[[Co
     try:
         if path.exists():  # built while we waited, or there from before but unusable
             try:
-                contents = read(path)
-                check(contents)
-                return contents
+                return load()
             except InvalidCache as err:
                 log.warning("rebuilding the cache: %s", err)
-        # writers of this file hold the lock, so what is left beside it is from a killed build
+        # writers of this cache hold the lock, so what is left beside it is from a killed build
         for stale in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+            remove(stale)
         log.info("building cache %s", path)
         started = time.monotonic()
         contents = build()
-        write(path, *contents)
         log.info("built cache %s in %.1f s", path, time.monotonic() - started)
         return contents
     finally:
         lock.release()
+
+
+def remove(path: Path) -> None:
+    """Delete a cache file or a cache directory (shards), if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
