@@ -15,6 +15,8 @@ KNOWN_WARNINGS = [
     (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning, r"lightning\.pytorch"),
     # Lightning's own pytree helper builds a LeafSpec, which torch deprecated; nothing of ours uses it
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch"),
+    # the streamed latent shards (ldm/data/streaming.py) know their exact length per rank and worker
+    (r"Your `IterableDataset` has `__len__` defined", UserWarning, r"lightning\.pytorch"),
 ]
 
 # info lines Lightning logs on every run to advertise its cloud products (litlogger, litmodels):
