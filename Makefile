@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train vae vae-shapes test test-slow test-all bench lint clean
+.PHONY: install train vae vae-shapes features test test-slow test-all bench lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ vae: $(STAMP)
 
 vae-shapes: $(STAMP)
 	$(PY) train.py experiment=vae_shapes vae.export_path=ldm/autoencoders/weights/shapes_vae.safetensors $(ARGS)
+
+features: $(STAMP)
+	$(PY) -m ldm.metrics.train_features $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

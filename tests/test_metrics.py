@@ -1,0 +1,540 @@
+"""Metrics against closed forms, scipy and numpy references; feature backends against torch-fidelity,
+transformers and open_clip on random weights in the published layouts; the shipped feature networks."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+from ldm.metrics.attributes import AttributeAccuracy
+from ldm.metrics.clip_score import ClipScore
+from ldm.metrics.frechet import compute_with_reference, frechet_metric
+from ldm.metrics.kid import kernel_distance
+from ldm.metrics.precision_recall import knn_radii, manifold_metrics
+from ldm.metrics.reference import compute_reference
+from ldm.metrics.suite import MetricSuite, build_suite
+from ldm.pretrained.files import WeightsError
+
+
+def frechet(real: torch.Tensor, fake: torch.Tensor) -> float:
+    metric = frechet_metric(real.shape[1])
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return float(metric.compute())
+
+
+def with_exact_moments(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> torch.Tensor:
+    """n samples whose sample mean and (n - 1)-normalized covariance are exactly `mean` and `cov`."""
+    z = np.random.default_rng(seed).standard_normal((n, len(mean)))
+    z -= z.mean(axis=0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # whitened: sample covariance I
+    return torch.from_numpy(z @ np.linalg.cholesky(cov).T + mean)
+
+
+def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def test_frechet_distance_of_exact_statistics_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
+    # Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2), the symmetric form
+    root = psd_sqrt(s1)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * psd_sqrt(root @ s2 @ root))
+    measured = frechet(with_exact_moments(300, mu1, s1, 1), with_exact_moments(200, mu2, s2, 2))
+    assert measured == pytest.approx(expected, rel=1e-8)
+    # commuting (diagonal) covariances: sum of (sqrt(s1) - sqrt(s2))^2
+    v1, v2 = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    diagonal = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    measured = frechet(with_exact_moments(300, mu1, np.diag(v1), 3), with_exact_moments(300, mu2, np.diag(v2), 4))
+    assert measured == pytest.approx(diagonal, rel=1e-8)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_and_is_zero_for_a_set_with_itself():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 32, generator=generator, dtype=torch.float64)
+    fake = torch.randn(300, 32, generator=generator, dtype=torch.float64) * 1.3 + 0.2
+    mu1, mu2 = real.mean(0).numpy(), fake.mean(0).numpy()
+    s1, s2 = np.cov(real.numpy(), rowvar=False), np.cov(fake.numpy(), rowvar=False)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert frechet(real, fake) == pytest.approx(expected, rel=1e-9)
+    assert abs(frechet(real, real)) < 1e-9 * np.trace(s1)
+    # the same distance from reference statistics (mean, cov, count) as from the real features themselves
+    metric = frechet_metric(32)
+    metric.update(fake, real=False)
+    reference = compute_with_reference(metric, torch.from_numpy(mu1), torch.from_numpy(s1), len(real))
+    assert float(reference) == pytest.approx(expected, rel=1e-9)
+
+
+def unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased MMD^2 estimate with k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018)."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+    m, n = len(x), len(y)
+    return ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+            - 2 * kxy.mean())
+
+
+def test_kid_is_the_unbiased_mmd_estimate():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(120, 16, generator=generator, dtype=torch.float64)
+    fake = torch.randn(120, 16, generator=generator, dtype=torch.float64) + 0.3
+    full = unbiased_mmd2(real.numpy(), fake.numpy())
+    # a subset of every sample is a permutation of the sets: the estimate itself
+    mean, std, size = kernel_distance(real, fake, subsets=3, subset_size=1000)
+    assert size == 120 and mean == pytest.approx(full, rel=1e-9) and std < 1e-9 * abs(full)
+    # over random subsets its expectation is the full-sample estimate
+    mean, std, size = kernel_distance(real, fake, subsets=400, subset_size=40, seed=1)
+    assert size == 40 and abs(mean - full) < 4 * std / np.sqrt(400)
+    # two samples of one distribution: zero in expectation, far below the shifted pair
+    same = torch.randn(120, 16, generator=generator, dtype=torch.float64)
+    mean_same, std_same, _ = kernel_distance(real, same, subsets=400, subset_size=40, seed=1)
+    assert abs(mean_same) < 4 * std_same / np.sqrt(400) + abs(unbiased_mmd2(real.numpy(), same.numpy()))
+    assert abs(mean_same) < 0.1 * full
+
+
+def manifold_reference(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
+    """The four definitions, one sample at a time."""
+    def radii(x):
+        return np.array([np.sort(np.linalg.norm(x - p, axis=1))[k] for p in x])  # [0] is the point itself
+
+    r_real, r_fake = radii(real), radii(fake)
+    inside = np.array([[np.linalg.norm(f - r) <= rr for r, rr in zip(real, r_real, strict=True)]
+                       for f in fake])  # (N, M)
+    recalled = [any(np.linalg.norm(r - f) <= rf for f, rf in zip(fake, r_fake, strict=True)) for r in real]
+    return {"precision": inside.any(axis=1).mean(), "recall": np.mean(recalled),
+            "density": inside.sum(axis=1).mean() / k, "coverage": inside.any(axis=0).mean()}
+
+
+def test_precision_recall_density_coverage():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 5, generator=generator)
+    ones = {"precision": 1.0, "recall": 1.0, "coverage": 1.0}
+    assert {k: v for k, v in manifold_metrics(real, real.clone()).items() if k != "density"} == ones
+    far = manifold_metrics(real, real + 100.0)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    # against the definitions, on overlapping clouds, in small chunks
+    fake = torch.randn(150, 5, generator=generator) * 1.2 + 0.5
+    measured = manifold_metrics(real, fake, k=3, chunk=64)
+    expected = manifold_reference(real.double().numpy(), fake.double().numpy(), 3)
+    assert measured == pytest.approx(expected, abs=1e-12)
+    # by hand: real points 0..9 on a line (k=3 radii: 3 at the ends, 2 elsewhere); half the fakes copy
+    # 0..4, half sit far away -> precision 1/2; every fake at 4.5 lies in the balls of 3, 4, 5 and 6
+    line = torch.arange(10.0)[:, None]
+    half = manifold_metrics(line, torch.cat([torch.arange(5.0), torch.arange(100.0, 105.0)])[:, None])
+    # recall: real 0..7 lie in a fake ball (fake 4's radius is 3, and 7 is on its boundary), 8 and 9 do not
+    assert half["precision"] == 0.5 and half["recall"] == 0.8
+    assert torch.equal(knn_radii(line), torch.tensor([3.0] + [2.0] * 8 + [3.0], dtype=torch.float64))
+    # on the boundary counts as inside: -3 and 12 lie on the balls of 0 and 9 (radius 3), -3.01 and 20 do not
+    edge = manifold_metrics(line, torch.tensor([[-3.0], [-3.01], [12.0], [20.0]]))
+    assert edge["precision"] == 0.5 and edge["coverage"] == 0.2
+    point = manifold_metrics(line, torch.full((4, 1), 4.5))
+    assert point["density"] == pytest.approx(4 / 3) and point["coverage"] == 0.4 and point["precision"] == 1.0
+
+
+def test_clip_score_is_100_times_the_clipped_cosine_averaged():
+    angles = torch.tensor([0.0, 60.0, 90.0, 120.0]) * torch.pi / 180
+    image = torch.stack([torch.cos(angles), torch.sin(angles), torch.zeros(4)], dim=1) * 3.0  # scale is ignored
+    text = torch.tensor([[1.0, 0.0, 0.0]]).expand(4, -1)
+    metric = ClipScore()
+    metric.update(image[:2], text[:2])
+    metric.update(image[2:], text[2:])
+    assert float(metric.compute()) == pytest.approx(100 * (1.0 + 0.5 + 0.0 + 0.0) / 4)
+
+
+def test_attribute_accuracy_skips_what_was_not_asked():
+    metric = AttributeAccuracy(["color", "shape"])
+    logits = {"color": F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float(),
+              "shape": F.one_hot(torch.tensor([1, 1, 0, 0]), 2).float()}
+    metric.update(logits, {"color": torch.tensor([0, 1, 0, -1]), "shape": torch.tensor([1, 0, -1, 0])})
+    scores = metric.compute()
+    assert float(scores["color"]) == pytest.approx(2 / 3) and float(scores["shape"]) == pytest.approx(2 / 3)
+    assert float(scores["all"]) == pytest.approx(2 / 4)  # samples 0 and 3
+
+
+# ---- feature backends on random weights in the published layouts ----
+
+def random_images(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """float (N, C, S, S) in [-1, 1], like samples."""
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_inception_backend_reads_the_torch_fidelity_layout(tmp_path, monkeypatch):
+    import torchvision
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from ldm.metrics import inception
+
+    torch.manual_seed(0)
+    # torchvision's InceptionV3 without its auxiliary head and with 1008 classes has the published file's keys
+    network = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    path = tmp_path / inception.PUBLISHED_FILE
+    torch.save(network.state_dict(), path)
+    backend = inception.InceptionFeatures(path)
+    images = random_images(2, channels=1)
+    features = backend((images + 1) / 2)
+    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    uint8 = ((images + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    assert features.shape == (2, 2048) and torch.equal(features, reference(uint8)[0])
+    # named fid only with the published weights (their SHA-256 starts with the hash in the file name)
+    suite = MetricSuite(backend, ["fd"])
+    assert not backend.published and suite.metric_name("fd") == "fd_inception"
+    monkeypatch.setattr(inception, "PUBLISHED_SHA256_PREFIX", backend.weights_sha256[:8])
+    assert backend.published and suite.metric_name("fd") == "fid" and suite.metric_name("kid") == "kid"
+
+
+def test_missing_weights_name_the_file_and_the_key(tmp_path):
+    from ldm.metrics.clip import ClipFeatures
+    from ldm.metrics.dinov2 import DinoV2Features
+    from ldm.metrics.inception import InceptionFeatures
+
+    cases = [(InceptionFeatures, "pt_inception-2015-12-05-6726825d.pth", "metrics.weights.inception="),
+             (DinoV2Features, "dinov2_vitl14_pretrain.pth", "metrics.weights.dinov2="),
+             (ClipFeatures, "open_clip", "metrics.weights.clip=")]
+    for backend, file_name, key in cases:
+        for weights in (None, tmp_path / "absent.pth"):
+            with pytest.raises(WeightsError, match=file_name) as error:
+                backend(weights)
+            assert key in str(error.value)
+    with pytest.raises(WeightsError, match="train_features"):
+        build_suite("digits", weights={"digits": str(tmp_path / "absent.safetensors")})
+
+
+def official_dinov2_state(dim: int, depth: int, grid: int, swiglu: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the key names and shapes of dinov2_vit*14_pretrain.pth (hidden as DINOv2 sizes it)."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8 if swiglu else 4 * dim
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + grid * grid, dim), "mask_token": (1, dim),
+              "patch_embed.proj.weight": (dim, 3, 14, 14), "patch_embed.proj.bias": (dim,),
+              "norm.weight": (dim,), "norm.bias": (dim,)}
+    for i in range(depth):
+        block = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
+                 "attn.qkv.bias": (3 * dim,), "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,),
+                 "ls1.gamma": (dim,), "norm2.weight": (dim,), "norm2.bias": (dim,), "ls2.gamma": (dim,)}
+        block.update({"mlp.w12.weight": (2 * hidden, dim), "mlp.w12.bias": (2 * hidden,),
+                      "mlp.w3.weight": (dim, hidden), "mlp.w3.bias": (dim,)} if swiglu else
+                     {"mlp.fc1.weight": (hidden, dim), "mlp.fc1.bias": (hidden,),
+                      "mlp.fc2.weight": (dim, hidden), "mlp.fc2.bias": (dim,)})
+        shapes.update({f"blocks.{i}.{key}": shape for key, shape in block.items()})
+    state = {key: torch.randn(shape, generator=generator) * 0.1 for key, shape in shapes.items()}
+    for key in state:
+        if key.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma")):
+            state[key] = 1 + state[key]
+    return state
+
+
+def to_transformers(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    out = {"embeddings.cls_token": state["cls_token"], "embeddings.mask_token": state["mask_token"],
+           "embeddings.position_embeddings": state["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+           "layernorm.weight": state["norm.weight"], "layernorm.bias": state["norm.bias"]}
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for name in ("weight", "bias"):
+            for norm in ("norm1", "norm2"):
+                out[dst + f"{norm}.{name}"] = state[src + f"{norm}.{name}"]
+            q, k, v = state[src + f"attn.qkv.{name}"].chunk(3)
+            out.update({dst + f"attention.q_proj.{name}": q, dst + f"attention.k_proj.{name}": k,
+                        dst + f"attention.v_proj.{name}": v})
+            out[dst + f"attention.o_proj.{name}"] = state[src + f"attn.proj.{name}"]
+            if src + "mlp.w12.weight" in state:
+                gate, up = state[src + f"mlp.w12.{name}"].chunk(2)
+                out[dst + f"mlp.gate_proj.{name}"], out[dst + f"mlp.up_proj.{name}"] = gate, up
+                out[dst + f"mlp.down_proj.{name}"] = state[src + f"mlp.w3.{name}"]
+            else:
+                out[dst + f"mlp.fc1.{name}"] = state[src + f"mlp.fc1.{name}"]
+                out[dst + f"mlp.fc2.{name}"] = state[src + f"mlp.fc2.{name}"]
+        out[dst + "layer_scale1.lambda1"] = state[src + "ls1.gamma"]
+        out[dst + "layer_scale2.lambda1"] = state[src + "ls2.gamma"]
+    return out
+
+
+def official_position_embedding(pos_embed: torch.Tensor, rows: int) -> torch.Tensor:
+    """DINOv2's interpolate_pos_encoding for a square grid: bicubic with scale factor (rows + 0.1) / stored grid."""
+    grid = int((pos_embed.shape[1] - 1) ** 0.5)
+    patches = pos_embed[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    scale = (rows + 0.1) / grid
+    patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    return torch.cat([pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, rows * rows, -1)], dim=1)
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
+def test_dinov2_backend_matches_transformers(tmp_path, swiglu):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from ldm.metrics.dinov2 import IMAGENET_MEAN, IMAGENET_STD, DinoV2Features
+
+    dim, depth, grid = 128, 2, 4  # two 64-wide heads, 56x56 native
+    state = official_dinov2_state(dim, depth, grid, swiglu)
+    torch.save(state, tmp_path / "dinov2_vitt14_pretrain.pth")
+    backend = DinoV2Features(tmp_path / "dinov2_vitt14_pretrain.pth", image_size=56)
+    config = dict(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=dim // 64, patch_size=14,
+                  mlp_ratio=4, use_swiglu_ffn=swiglu, layer_norm_eps=1e-6, hidden_act="gelu")
+    reference = Dinov2Model(Dinov2Config(image_size=56, **config)).eval()
+    reference.load_state_dict(to_transformers(state, depth))
+    images = torch.rand(3, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    normalized = (images - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        expected = reference(pixel_values=normalized).pooler_output
+        assert backend.feature_dim == dim
+        assert torch.allclose(backend(images), expected, atol=1e-4, rtol=1e-4)
+        # at 224 pixels (16x16 patches) the stored 4x4 positions are resampled as DINOv2 does
+        big = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+        at_224 = to_transformers(state, depth) | {
+            "embeddings.position_embeddings": official_position_embedding(state["pos_embed"], 16)}
+        reference = Dinov2Model(Dinov2Config(image_size=224, **config)).eval()
+        reference.load_state_dict(at_224)
+        big_normalized = (big - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        assert torch.allclose(backend.network(big_normalized), reference(pixel_values=big_normalized).pooler_output,
+                              atol=1e-4, rtol=1e-4)
+
+
+def tiny_clip_config() -> dict:
+    return {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                            "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def test_clip_backend_and_clip_score_match_open_clip(tmp_path):
+    import open_clip
+    from PIL import Image
+
+    from ldm.metrics.clip import ClipFeatures
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", **tiny_clip_config()).eval()
+    torch.save(model.state_dict(), tmp_path / "tiny_clip.pt")
+    backend = ClipFeatures(tmp_path / "tiny_clip.pt", "ViT-B-32", **tiny_clip_config())
+    images = random_images(3)
+    uint8 = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    # open_clip's own evaluation transform, on the PIL images a user would give it
+    transform = open_clip.image_transform(32, is_train=False)
+    with torch.no_grad():
+        expected = model.encode_image(torch.stack([transform(Image.fromarray(a)) for a in uint8]), normalize=True)
+        assert torch.allclose(backend(torch.from_numpy(uint8).permute(0, 3, 1, 2) / 255), expected, atol=1e-5)
+        captions = ["a red circle", "a blue square at the top left", "a green triangle"]
+        text = model.encode_text(open_clip.get_tokenizer("ViT-B-32", context_length=16)(captions), normalize=True)
+    suite = MetricSuite(backend, ["clip_score"])
+    suite.update(images, real=True)
+    suite.update(torch.from_numpy(uint8), real=False, captions=captions)
+    suite.update(images, real=False, captions=captions)  # the same images as floats
+    expected_score = float((100 * (expected * text).sum(-1).clamp(min=0)).mean())
+    assert suite.compute()["clip_score"] == pytest.approx(expected_score, rel=1e-5)
+
+
+# ---- the shipped feature networks, the reference cache, the suite ----
+
+def degraded(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Real images with visible noise, and visibly blurred (sigma 2 pixels): what a metric must tell from real ones;
+    and blurred by 1 pixel, which on the digits (upsampled from 8x8) is hard to see."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    return {"noise": (images + noise).clamp(-1, 1), "blur": gaussian_blur(images, [9, 9], [2.0, 2.0]),
+            "slight_blur": gaussian_blur(images, [5, 5], [1.0, 1.0])}
+
+
+def features_of(backend, images: torch.Tensor) -> torch.Tensor:
+    from ldm.metrics.features import unit_images
+
+    with torch.no_grad():
+        return torch.cat([backend(unit_images(chunk)) for chunk in images.split(500)]).double()
+
+
+def test_shipped_digits_network_tells_real_digits_from_degraded_ones():
+    from ldm.data.digits import DigitsDataset
+
+    suite = build_suite("digits", metrics=["fd", "accuracy"])
+    train, val = DigitsDataset("train"), DigitsDataset("val")
+    reference = features_of(suite.backend, train.images)
+    distances = {"val": frechet(reference, features_of(suite.backend, val.images))}
+    distances |= {name: frechet(reference, features_of(suite.backend, images))
+                  for name, images in degraded(val.images).items()}
+    # dropping modes: validation digits 0-4 only, against as many validation digits of every class
+    few = val.labels < 5
+    distances["classes_0_4"] = frechet(reference, features_of(suite.backend, val.images[few]))
+    distances["val_same_count"] = frechet(reference, features_of(suite.backend, val.images[: int(few.sum())]))
+    print(f"fd_digits against the training digits: {distances}")
+    assert distances["val"] < 0.1 * min(distances["noise"], distances["blur"])
+    assert distances["val"] < distances["slight_blur"] and distances["classes_0_4"] > 2 * distances["val_same_count"]
+    suite.update(train.images, real=True)
+    suite.update(val.images, real=False, labels=val.labels)
+    scores = suite.compute()
+    assert scores["fd_digits"] == pytest.approx(distances["val"], rel=1e-6) and scores["accuracy_digits"] > 0.97
+
+
+def test_shipped_shapes_network_tells_real_shapes_from_degraded_ones_and_reads_captions():
+    from ldm.data.shapes import ShapesDataset
+
+    suite = build_suite("shapes", metrics=["fd", "accuracy"])
+    train, val = ShapesDataset("train", num_samples=1500), ShapesDataset("val", num_samples=500)
+    train_images = torch.stack([train[i]["image"] for i in range(len(train))])
+    val_images = torch.stack([val[i]["image"] for i in range(len(val))])
+    reference = features_of(suite.backend, train_images)
+    distances = {"val": frechet(reference, features_of(suite.backend, val_images))}
+    distances |= {name: frechet(reference, features_of(suite.backend, images))
+                  for name, images in degraded(val_images).items()}
+    print(f"fd_shapes against the training shapes: {distances}")
+    assert distances["val"] < 0.1 * min(distances["noise"], distances["blur"])
+    assert distances["val"] < distances["slight_blur"]
+    suite.update(train_images, real=True)
+    suite.update(val_images, real=False, captions=[val.caption(i) for i in range(len(val))])
+    scores = suite.compute()
+    print(f"shapes prompt following of real validation shapes: {scores}")
+    assert all(scores[f"accuracy_shapes_{name}"] > 0.95 for name in ("shape", "color", "position", "size"))
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor):
+        self.images, self.reads = images, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        self.reads += 1
+        return {"image": self.images[i]}
+
+
+def test_reference_statistics_are_cached_and_score_like_the_real_images(tmp_path):
+    import hashlib
+
+    from ldm.data.digits import DigitsDataset
+
+    settings = dict(backend="digits", metrics=["fd", "kid", "precision_recall", "density_coverage"],
+                    kid_subsets=20, kid_subset_size=100, cache_dir=str(tmp_path))
+    real, fake = DigitsDataset("val").images, DigitsDataset("train").images[:200]
+    direct = build_suite(**settings)
+    for chunk in real.split(128):
+        direct.update(chunk, real=True)
+    direct.update(fake, real=False)
+    cached = build_suite(**settings)
+    dataset = CountingDataset(real)
+    reference = cached.load_reference(dataset, "val", {"name": "digits"})
+    reads = dataset.reads
+    again = cached.load_reference(dataset, "val", {"name": "digits"})
+    assert reads >= len(real) and dataset.reads - reads <= 1  # read from disk (one item for the image shape)
+    assert torch.equal(again.cov, reference.cov) and again.key == reference.key and again.count == len(real)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [
+        f"reference-digits-val-{reference.key}.safetensors"]
+    assert reference.cov.dtype == torch.float64
+    # other weights, another data split or another resolution: another key
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ldm.metrics.project_features import ProjectFeatures
+    from ldm.metrics.reference import reference_key
+
+    with safe_open(str(cached.backend.weights_path), framework="pt") as file:
+        tensors, metadata = {key: file.get_tensor(key) for key in file.keys()}, file.metadata()
+    tensors["heads.label.bias"] = tensors["heads.label.bias"] + 1.0
+    save_file(tensors, tmp_path.parent / "other.safetensors", metadata=metadata)
+    other = ProjectFeatures("digits", tmp_path.parent / "other.safetensors")
+    keys = {reference_key(other, {"name": "digits"}, "val", dataset, 10_000, 0),
+            reference_key(cached.backend, {"name": "digits"}, "train", dataset, 10_000, 0),
+            reference_key(cached.backend, {"name": "digits"}, "val", CountingDataset(real[:, :, :16, :16]), 10_000, 0)}
+    assert reference.key not in keys and len(keys) == 3
+    assert torch.allclose(reference.mean, features_of(cached.backend, real).mean(0), rtol=1e-6, atol=1e-9)
+    cached.set_reference(again)
+    cached.update(fake[:120], real=False)
+    cached.update(fake[120:], real=False)
+    expected, measured = direct.compute(), cached.compute()
+    assert measured.keys() == expected.keys() == {"fd_digits", "kid_digits", "kid_digits_std", "precision_digits",
+                                                  "recall_digits", "density_digits", "coverage_digits"}
+    assert measured == pytest.approx(expected, rel=1e-7)
+    record = cached.provenance()
+    sha = hashlib.sha256(cached.backend.weights_path.read_bytes()).hexdigest()
+    assert record["weights_sha256"] == sha and record["backend"] == "digits" and not record["published"]
+    assert (record["num_real"], record["num_fake"], record["reference"]) == (300, 200, reference.key)
+    with pytest.raises(Exception, match="reference"):
+        cached.update(real[:4], real=True)
+    cached.reset()
+    cached.update(fake[:50], real=False)
+    assert cached.compute()["fd_digits"] != measured["fd_digits"] and cached.provenance()["num_fake"] == 50
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, settings: dict, results) -> None:
+    from ldm.data.digits import DigitsDataset
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        suite = build_suite(**settings)
+        suite.set_reference(compute_reference(suite.backend, DigitsDataset("val")))
+        train = DigitsDataset("train")
+        share = slice(0, 130) if rank == 0 else slice(130, 200)  # uneven shares, in order
+        suite.update(train.images[share], real=False, labels=train.labels[share])
+        results.put((rank, suite.compute(), suite.provenance()["num_fake"]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_suite_under_ddp_gives_every_rank_the_single_process_numbers(tmp_path):
+    from ldm.data.digits import DigitsDataset
+
+    settings = dict(backend="digits", metrics=["fd", "kid", "precision_recall", "density_coverage", "accuracy"],
+                    kid_subsets=20, kid_subset_size=100)
+    single = build_suite(**settings)
+    single.set_reference(compute_reference(single.backend, DigitsDataset("val")))
+    train = DigitsDataset("train")
+    single.update(train.images[:200], real=False, labels=train.labels[:200])
+    expected = single.compute()
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_ddp_worker, args=(rank, 2, str(tmp_path / "init"), settings, results))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    for rank, scores, num_fake in outcomes:
+        assert num_fake == 200, f"rank {rank} saw {num_fake} samples"
+        assert scores == pytest.approx(expected, rel=1e-7), f"rank {rank}"
+
+
+def test_metrics_config_group(tmp_path):
+    import hydra
+    from conftest import CONF, compose_config
+
+    from ldm.errors import ConfigError
+    from ldm.validate import config_errors
+
+    options = sorted(path.stem for path in (CONF / "metrics").glob("*.yaml"))
+    assert {"digits", "shapes", "inception", "dinov2", "clip"} <= set(options)
+    for option in options:
+        cfg = compose_config([f"+metrics={option}"], tmp_path)
+        assert config_errors(cfg) == [], option
+        if cfg.metrics.backend in ("digits", "shapes"):
+            suite = hydra.utils.instantiate(cfg.metrics)
+            assert isinstance(suite, MetricSuite) and suite.backend.name == cfg.metrics.backend
+        else:  # the published networks need their files
+            with pytest.raises(Exception, match=f"metrics.weights.{cfg.metrics.backend}="):
+                hydra.utils.instantiate(cfg.metrics)
+    with pytest.raises(ConfigError, match="unknown metric 'fid'.*choose from"):
+        build_suite("digits", metrics=["fid"])
+    with pytest.raises(ConfigError, match="clip_score.*metrics.backend=clip"):
+        build_suite("digits", metrics=["clip_score"])
+    with pytest.raises(ConfigError, match="metrics.backend=mnist"):
+        build_suite("mnist")
+
+
+@pytest.mark.slow
+def test_feature_network_training_is_deterministic():
+    from ldm.metrics.train_features import train
+
+    first, record = train("digits", epochs=1, log=lambda line: None)
+    second, _ = train("digits", epochs=1, log=lambda line: None)
+    second_state = second.state_dict()
+    assert all(torch.equal(value, second_state[key]) for key, value in first.state_dict().items())
+    assert record["epochs"] == 1
