@@ -131,6 +131,39 @@ def trainer_problems(found: Findings) -> None:
                   "give whole steps as an int, e.g. trainer.val_check_interval=500")
 
 
+# Lightning strategies whose ranks train copies made by fork / spawn: the main process never sees their EMA
+# or their last checkpoint, and would draw the final grid with the untrained weights it kept
+SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+# callbacks that need whole parameters on rank 0 (FSDP keeps only a shard of each on every rank)
+WHOLE_PARAMETER_CALLBACKS = {"ldm.callbacks.ema.EMA": "averages whole parameters and saves them from rank 0",
+                             "ldm.callbacks.sample_grid.SampleGrid": "samples on rank 0 alone",
+                             "ldm.callbacks.reconstructions.Reconstructions": "decodes on rank 0 alone"}
+
+
+def strategy_problems(found: Findings) -> None:
+    """Multi-process strategies that this project cannot run correctly, refused with what to use instead."""
+    strategy = found.value("trainer.strategy", "auto")
+    if not isinstance(strategy, str):
+        return
+    if strategy.startswith(SPAWNING_STRATEGIES):
+        found.add(f"trainer.strategy={strategy} trains copies of the model in forked or spawned processes, whose EMA "
+                  "and last checkpoint the main process never sees: use trainer.strategy=ddp (trainer=ddp), which "
+                  "starts every rank with the job's own config")
+    if not strategy.startswith("fsdp"):
+        return
+    if found.value("trainer.accelerator") == "cpu":
+        found.add(f"trainer.strategy={strategy} needs GPUs (torch's FSDP and Lightning refuse CPU devices): on CPUs "
+                  "use trainer=ddp trainer.accelerator=cpu")
+    callbacks = found.node("callbacks")
+    for name in callbacks.keys() if OmegaConf.is_dict(callbacks) else ():
+        target = found.value(f"callbacks.{name}._target_")
+        if target in WHOLE_PARAMETER_CALLBACKS:
+            found.add(f"callbacks.{name} ({target}) {WHOLE_PARAMETER_CALLBACKS[target]}, but "
+                      f"trainer.strategy={strategy} keeps only a shard of each parameter on every rank: use "
+                      f"trainer=ddp (every rank holds the whole model; each denoiser here fits one GPU), or "
+                      f"callbacks.{name}=null to train with FSDP without it")
+
+
 def optimization_problems(found: Findings) -> None:
     if found.has("optimizer.lr"):
         found.number("optimizer.lr", positive=True, hint="the learning rate must be positive, e.g. optimizer.lr=5e-4")
@@ -240,6 +273,7 @@ def training_problems(cfg: DictConfig) -> list[str]:
     found = Findings(cfg)
     task = found.value("task", "diffusion")
     trainer_problems(found)
+    strategy_problems(found)
     optimization_problems(found)
     run_problems(found)
     data_problems(found, conditioned=task == "diffusion")
@@ -258,7 +292,7 @@ def check_keys_of_training_config(cfg: DictConfig) -> None:
     check_config(cfg, targets={"diffusion": LatentDiffusion, "vae": AutoencoderTraining}, passed_by_code={
         "diffusion": ("autoencoder", "conditioner", "denoiser", "schedule", "sampler", "image_size", "optimizer",
                       "lr_scheduler", "seed"),
-        "vae": ("autoencoder",), "trainer": ("callbacks", "logger", "plugins"),
+        "vae": ("autoencoder",), "trainer": ("callbacks", "logger", "plugins", "use_distributed_sampler"),
         "optimizer": ("params",), "lr_scheduler": ("optimizer",)})
 
 

@@ -127,10 +127,13 @@ class LatentDiffusion(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         # fixed latents (posterior mean), t and noise per batch index: comparable across runs and steps
-        generator = torch.Generator().manual_seed(VAL_SEED + batch_idx)
+        # numbered across ranks, so the validation loss does not depend on the number of devices
+        datamodule = getattr(self._trainer, "datamodule", None)
+        number = datamodule.val_batch_number(batch_idx) if hasattr(datamodule, "val_batch_number") else batch_idx
+        generator = torch.Generator().manual_seed(VAL_SEED + number)
         z0, noise, t = self._draw(batch, generator, sample=False)
         loss = self.diffusion_loss(z0, noise, t, self.conditioner(batch))
-        self.log("val/loss", loss, prog_bar=True, batch_size=z0.shape[0])
+        self.log("val/loss", loss, prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(parameter_groups(self))

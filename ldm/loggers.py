@@ -9,6 +9,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.files import atomic_write
 
@@ -17,19 +18,47 @@ WANDB_ID_FILE = "wandb_id.txt"
 
 def wandb_logger(save_dir: str, project: str = "ldm", name: str | None = None, log_model: bool = False,
                  entity: str | None = None, group: str | None = None, tags: list[str] | None = None) -> WandbLogger:
-    """A WandbLogger whose run id is kept in the run directory: a resumed run logs to the same wandb run."""
-    id_file = Path(save_dir) / WANDB_ID_FILE
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-    else:
-        run_id = secrets.token_hex(4)
-        with atomic_write(id_file) as handle:
-            handle.write(run_id.encode())
-    logger = WandbLogger(save_dir=save_dir, id=run_id, resume="allow", project=project, name=name,
-                         log_model=log_model, entity=entity, group=group, tags=list(tags) if tags else None)
+    """A WandbLogger whose run id is kept in the run directory: a resumed or requeued run logs to the same wandb run.
+
+    Left null, `name`, `group` and `tags` come from the Hydra job (see `job_labels`)."""
+    labels = job_labels()
+    name, group = name or labels.get("name"), group or labels.get("group")
+    tags = list(tags) if tags else labels.get("tags")
+    logger = WandbLogger(save_dir=save_dir, id=run_id(Path(save_dir)), resume="allow", project=project, name=name,
+                         log_model=log_model, entity=entity, group=group, tags=tags or None)
     # Lightning always passes `anonymous` (None) to wandb.init, and wandb warns that the setting is ignored
     logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def run_id(run_dir: Path) -> str:
+    """The wandb run id kept in `run_dir`, made by rank 0 on first use (other ranks log nothing to wandb)."""
+    id_file = run_dir / WANDB_ID_FILE
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    new_id = secrets.token_hex(4)
+    if rank_zero_only.rank == 0:  # ranks started together must not each write an id of their own
+        with atomic_write(id_file) as handle:
+            handle.write(new_id.encode())
+    return new_id
+
+
+def job_labels() -> dict:
+    """wandb labels of the current Hydra job: name = its overrides, group = its sweep directory (sweeps only),
+    tags = the experiment preset it uses. Empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    job = HydraConfig.get()
+    labels: dict = {"name": job.job.override_dirname or None}
+    if job.mode == RunMode.MULTIRUN:
+        labels["group"] = str(job.sweep.dir)[-128:]  # wandb's limit for a group name
+    experiment = job.runtime.choices.get("experiment")
+    if experiment:
+        labels["tags"] = [str(experiment)]
+    return labels
 
 
 class _ContinuedWriter(ExperimentWriter):

@@ -23,6 +23,8 @@ from ldm.callbacks.last_checkpoint import newest_readable
 from ldm.checkpoint import CheckpointError, load_checkpoint
 from ldm.checkpoint_io import AtomicCheckpointIO
 from ldm.checks import check_training
+from ldm.distributed import job_ranks, rank_config
+from ldm.requeue import cluster_plugins
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,10 @@ def train(cfg: DictConfig) -> float | None:
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         precision=resolve_precision(cfg.trainer.get("precision", "auto")),
+        # the data module shards by rank itself (ldm/data/order.py), so a resumed epoch continues exactly
+        use_distributed_sampler=False,
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -96,15 +100,16 @@ def train(cfg: DictConfig) -> float | None:
     module = task.prepare(cfg, datamodule, trainer.strategy.root_device)
     if resume_path:
         log.info("resuming from %s (step %d)", resume_path, resume_step)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
-
+    with job_ranks(trainer, lambda: rank_config(cfg, str(run_dir.resolve()), resume_path)):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        if trainer.is_global_zero:
+            task.finish(cfg, trainer, module, run_dir)
+        for logger in loggers:  # close runs that stay open (wandb): flushes them, and the next multirun job starts anew
+            close = getattr(getattr(logger, "experiment", None), "finish", None)
+            if callable(close):
+                close()
     if trainer.is_global_zero:
-        task.finish(cfg, trainer, module, run_dir)
-    for logger in loggers:  # close runs that stay open (wandb): flushes them, and the next multirun job starts anew
-        close = getattr(getattr(logger, "experiment", None), "finish", None)
-        if callable(close):
-            close()
-    print(f"run directory: {run_dir.resolve()}")
+        print(f"run directory: {run_dir.resolve()}")
     return best_metric(trainer)
 
 

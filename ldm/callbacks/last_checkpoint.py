@@ -1,4 +1,5 @@
-"""`last.ckpt`, rewritten at every validation and when training ends: what `resume=auto` continues from.
+"""`last.ckpt`, rewritten at every validation, when training ends, and when a scheduler asks the job to stop
+before requeueing it (ldm/requeue.py): what `resume=auto` continues from.
 
 Before each rewrite the current `last.ckpt` is kept as `previous.ckpt` (a hard link, so no copy is
 made, though the older weights stay on disk). If `last.ckpt` cannot be read (a disk fault, a copy cut
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from ldm.checkpoint import CheckpointError, load_checkpoint
 from ldm.files import keep_copy, remove_partial_files
+from ldm.requeue import RequeueRequest, requeue_signal
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class LastCheckpoint(Checkpoint):
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
         self._saved_step = -1
+        self._requeue: RequeueRequest | None = None
 
     @property
     def path(self) -> Path:
@@ -51,6 +54,17 @@ class LastCheckpoint(Checkpoint):
             keep_copy(self.path, self.dirpath / PREVIOUS)
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module):
+        # after Lightning's own handlers, which it restores when fit ends (so this one goes with them)
+        signum = requeue_signal()
+        self._requeue = RequeueRequest(signum) if signum is not None else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._requeue is not None and self._requeue.due(trainer):
+            self._save(trainer)
+            log.info("stopping for the requeue after step %d, saved in %s", trainer.global_step, self.path)
+            self._requeue.hand_over()
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn == "fit":

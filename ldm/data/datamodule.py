@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data.order import EpochShuffle
+from ldm.data.order import BatchShard, EpochShuffle
+from ldm.errors import ConfigError
 
 
 class DataModule(L.LightningDataModule):
@@ -28,7 +29,7 @@ class DataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self._grids: dict[int, tuple[dict, int]] = {}
         self.shuffle_seed = 0  # the run's seed (set by training): the data order of every epoch follows from it
-        self._resume_at: tuple[int, int] | None = None
+        self._resume_at: tuple[int, int, int] | None = None  # (epoch, items done, batches done) at resume
 
     def attach_cache(self, autoencoder, conditioner, data_config: dict, device="cpu") -> None:
         """With `cache: true`, swap both splits for their cached versions (built once, then read)."""
@@ -43,34 +44,61 @@ class DataModule(L.LightningDataModule):
         )
         self._grids.clear()
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler=None) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=sampler is not None,
+    def _loader(self, dataset: Dataset, batch_size: int, sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        """This process's share of the data: (global rank, world size) under a trainer, else the whole of it."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    # Lightning's own distributed sampler is switched off (training.py): these loaders shard by rank themselves
     def train_dataloader(self) -> DataLoader:
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(f"the training set has {len(self.train_set)} items, fewer than "
-                             f"data.batch_size={self.batch_size}")
-        order = EpochShuffle(len(self.train_set), self.shuffle_seed)
+        rank, world = self._rank_and_world()
+        if len(self.train_set) < self.batch_size * world:
+            raise ConfigError([f"data.batch_size={self.batch_size}: the training set has {len(self.train_set)} items, "
+                               f"fewer than one batch for each of the {world} ranks; use data.batch_size at most "
+                               f"{len(self.train_set) // world}"])
+        order = EpochShuffle(len(self.train_set), self.shuffle_seed, self.batch_size, rank, world)
         if self._resume_at is not None:
-            order.resume_at(*self._resume_at)
-        return self._loader(self.train_set, self.batch_size, sampler=order)
+            order.resume_at(*self._resume_at[:2])
+        return self._loader(self.train_set, self.batch_size, order, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size)
+        rank, world = self._rank_and_world()
+        size, batch = len(self.val_set), self.val_batch_size
+        if -(-size // batch) < world:  # a rank without a batch would never join the reduction of val/loss
+            raise ConfigError([f"the validation set has {size} items, {-(-size // batch)} batches of {batch}: fewer "
+                               f"than one for each of the {world} ranks; set data.val_batch_size (or "
+                               f"+data.val_batch_size) to at most {max(1, size // world)}"])
+        return self._loader(self.val_set, batch, BatchShard(size, batch, rank, world), drop_last=False)
+
+    def val_batch_number(self, batch_idx: int) -> int:
+        """The place in the whole validation pass of this rank's `batch_idx`-th batch (the order of BatchShard)."""
+        rank, world = self._rank_and_world()
+        return rank + batch_idx * world
 
     # the data position travels in checkpoints, so a resumed run continues mid-epoch with the same batches
     def state_dict(self) -> dict:
         trainer = self.trainer
         if trainer is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return {"epoch": trainer.current_epoch, "items_done": done * self.batch_size}
+        # processed, not completed: a save in on_train_batch_end comes before Lightning counts the batch completed
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        items = done * self.batch_size * trainer.world_size  # used by all ranks together
+        if self._resume_at is not None and self._resume_at[0] == epoch:
+            # this epoch began in an earlier run, perhaps with another number of ranks
+            _, items_then, batches_then = self._resume_at
+            items = items_then + (done - batches_then) * self.batch_size * trainer.world_size
+        return {"epoch": epoch, "items_done": items, "batches_done": done}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            self._resume_at = (state["epoch"], state["items_done"])
+            # checkpoints from before `batches_done` was stored come from one process
+            batches = state.get("batches_done", state["items_done"] // self.batch_size)
+            self._resume_at = (state["epoch"], state["items_done"], batches)
 
     def grid_conditions(self, per_row: int) -> tuple[dict, int]:
         """Conditions for a sample grid and how many samples: one row per class, plus validation captions.
