@@ -38,6 +38,7 @@ PROJECT_FUNCTIONS = frozenset({
     "ldm.optim.warmup_cosine",
     "ldm.loggers.wandb_logger",
     "ldm.callbacks.progress.progress_bar",
+    "ldm.metrics.suite.build_suite",
 })
 
 # resolvers that only compute a value: the project's own (ldm.config), OmegaConf's and Hydra's harmless

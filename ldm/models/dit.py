@@ -19,6 +19,7 @@ from ldm.models.layers import (
     FeedForward,
     TimestepEmbedder,
     broadcast_time,
+    compile_each,
     modulate,
     run_layer,
     timestep_embedding,
@@ -105,6 +106,7 @@ class DiT(nn.Module):
     (epsilon, then the variance interpolation); `forward` returns the epsilon half and drops the
     variance half, which the first-order samplers here do not use. `weights`: a DiT checkpoint (the
     published `.pt` or a diffusers directory, see ldm.pretrained.dit), loaded after initialization.
+    `compile`: torch.compile each block (in place, so parameter names do not change).
     """
 
     def __init__(self, input_size: int | list[int] = 32, patch_size: int = 2, in_channels: int = 4,
@@ -113,7 +115,7 @@ class DiT(nn.Module):
                  context_dim: int | None = None, concat_channels: int = 0, time_scale: float = 1000.0,
                  gradient_checkpointing: bool = False, learn_sigma: bool = False,
                  pos_embed_layout: str = "row_cos_sin", time_frequency_shift: float = 0.0,
-                 weights: str | None = None):
+                 weights: str | None = None, compile: bool = False):  # noqa: A002 - the config key
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if height % patch_size or width % patch_size:
@@ -130,6 +132,7 @@ class DiT(nn.Module):
         self.pos_embed_layout = pos_embed_layout
         self.concat_channels = concat_channels
         self.gradient_checkpointing = gradient_checkpointing
+        self.compile_blocks = compile  # done at the first forward, which knows the device
         self.consumes = consumed_fields(vector_dim, context_dim, concat_channels)
 
         self.patch_embed = nn.Conv2d(in_channels + concat_channels, hidden_size, patch_size,
@@ -176,6 +179,9 @@ class DiT(nn.Module):
             x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)
         tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed
 
+        if self.compile_blocks:
+            compile_each(self.blocks, x.device)
+            self.compile_blocks = False
         c = self.t_embedder(broadcast_time(t, x.shape[0], x.device))  # (B, hidden)
         if self.vector_embedder is not None:
             c = c + self.vector_embedder(cond.vector)

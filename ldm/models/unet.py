@@ -26,6 +26,7 @@ from ldm.models.layers import (
     FeedForward,
     TimestepEmbedder,
     broadcast_time,
+    compile_each,
     run_layer,
     vector_embedder,
     zero_init,
@@ -157,7 +158,8 @@ class UNet(nn.Module):
     downsampling factors (1, 2, 4, ...) that get attention. Heads: `num_head_channels` (> 0) fixes
     the width of a head, else `num_heads` fixes their number. `time_scale` multiplies t before the
     sinusoids (1 for networks trained on the integer DDPM level). `weights` loads a diffusers UNet
-    directory or an original Stable Diffusion checkpoint.
+    directory or an original Stable Diffusion checkpoint. `channels_last` keeps feature maps (and conv
+    weights) in NHWC memory, where pixel tokens are views; `compile` torch.compiles each layer in place.
     """
 
     def __init__(self, in_channels: int = 4, out_channels: int | None = None, channels: int = 128,
@@ -167,7 +169,8 @@ class UNet(nn.Module):
                  input_size: int | list[int] | None = None, time_scale: float = 1000.0,
                  gradient_checkpointing: bool = False, transformer_depth: int = 1, dropout: float = 0.0,
                  use_scale_shift_norm: bool = True, use_linear_projection: bool = False,
-                 weights: str | None = None):
+                 weights: str | None = None, channels_last: bool = False,
+                 compile: bool = False):  # noqa: A002 - the config key
         super().__init__()
         self.factor = 2 ** (len(channel_mult) - 1)
         if input_size is not None:
@@ -175,6 +178,8 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         self.concat_channels = concat_channels
         self.gradient_checkpointing = gradient_checkpointing
+        self.channels_last = channels_last
+        self.compile_layers = compile  # done at the first forward, which knows the device
         self.consumes = consumed_fields(vector_dim, context_dim, concat_channels)
         attention_resolutions = set(attention_resolutions)
         # the architecture, as the weight readers and writers of ldm/pretrained/unet.py need it
@@ -239,6 +244,8 @@ class UNet(nn.Module):
             from ldm.pretrained.unet import load_unet  # the reader imports this module's blocks
 
             load_unet(self, weights)
+        if channels_last:  # loading copies into these tensors, so weights loaded later keep the layout
+            self.to(memory_format=torch.channels_last)
 
     def heads(self, width: int) -> int:
         """The number of attention heads of a block `width` channels wide."""
@@ -255,6 +262,10 @@ class UNet(nn.Module):
                              f"{self.factor.bit_length() - 1} times: {height}x{width} is not divisible "
                              f"by {self.factor}")
 
+    def stages(self) -> list[nn.ModuleList]:
+        """The encoder's stages, the middle block and the decoder's stages, in the order they run."""
+        return [*self.down_stages, self.middle, *self.up_stages]
+
     def _run(self, stage: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, cond: Conditioning):
         for layer in stage:
             h = run_layer(layer, h, emb, cond.tokens, cond.token_mask,
@@ -270,8 +281,11 @@ class UNet(nn.Module):
             emb = emb + self.vector_embed(cond.vector)
         if self.concat_channels:
             x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)
+        if self.compile_layers:
+            compile_each([layer for stage in self.stages() for layer in stage], x.device)
+            self.compile_layers = False
 
-        h = self.conv_in(x)
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         skips = [h]
         for stage in self.down_stages:
             h = self._run(stage, h, emb, cond)
@@ -279,4 +293,4 @@ class UNet(nn.Module):
         h = self._run(self.middle, h, emb, cond)
         for stage in self.up_stages:
             h = self._run(stage, torch.cat([h, skips.pop()], dim=1), emb, cond)
-        return self.out(h)
+        return self.out(h).contiguous()

@@ -38,9 +38,11 @@ OUTER = [
     ("final_layer.adaLN_modulation.1", "proj_out_1", "final_layer.adaLN_modulation.proj"),
     ("final_layer.linear", "proj_out_2", "final_layer.linear"),
 ]
-# module paths inside each block; attention's q, k, v are mapped apart (one fused qkv in the published file)
+# module paths inside each block. The published qkv rows are [q | k | v], each head-major: to_qkv's layout;
+# diffusers keeps attn1.to_q, to_k and to_v apart (None here): they are stacked and split by hand
 INNER = [
     ("adaLN_modulation.1", "norm1.linear", "adaLN_modulation.proj"),
+    ("attn.qkv", None, "attn.to_qkv"),
     ("attn.proj", "attn1.to_out.0", "attn.to_out"),
     ("mlp.fc1", "ff.net.0.proj", "mlp.net.0.0"),
     ("mlp.fc2", "ff.net.2", "mlp.net.2"),
@@ -91,14 +93,6 @@ def from_published(state: dict, source: Path) -> DiTWeights:
     pairs = [(published, ours) for published, _, ours in OUTER]
     pairs += [(f"blocks.{i}.{published}", f"blocks.{i}.{ours}") for i in range(depth) for published, _, ours in INNER]
     tensors = renamed(state, pairs, used)
-    for i in range(depth):
-        for suffix in SUFFIXES:
-            key = f"blocks.{i}.attn.qkv{suffix}"
-            if key in state:  # rows [q | k | v], each head-major: to_q takes q, to_kv the [k | v] rest
-                width = state[key].shape[0] // 3
-                tensors[f"blocks.{i}.attn.to_q{suffix}"] = state[key][:width]
-                tensors[f"blocks.{i}.attn.to_kv{suffix}"] = state[key][width:]
-                used.add(key)
     refuse_leftovers(state, used, source, PUBLISHED)
     return DiTWeights(source, PUBLISHED, tensors, depth, state.get(PUBLISHED_CLASSES), state.get("pos_embed"), None)
 
@@ -122,15 +116,14 @@ def from_diffusers(state: dict, source: Path, config: dict | None) -> DiTWeights
     used = check_embedder_copies(state, depth, source)
     pairs = [(theirs, ours) for _, theirs, ours in OUTER]
     pairs += [(f"transformer_blocks.{i}.{theirs}", f"blocks.{i}.{ours}")
-              for i in range(depth) for _, theirs, ours in INNER]
-    pairs += [(f"transformer_blocks.{i}.attn1.to_q", f"blocks.{i}.attn.to_q") for i in range(depth)]
+              for i in range(depth) for _, theirs, ours in INNER if theirs]
     tensors = renamed(state, pairs, used)
     for i in range(depth):
         for suffix in SUFFIXES:
-            k, v = (f"transformer_blocks.{i}.attn1.to_{name}{suffix}" for name in "kv")
-            if k in state and v in state:
-                tensors[f"blocks.{i}.attn.to_kv{suffix}"] = torch.cat([state[k], state[v]])
-                used.update((k, v))
+            parts = [f"transformer_blocks.{i}.attn1.to_{name}{suffix}" for name in "qkv"]
+            if all(part in state for part in parts):
+                tensors[f"blocks.{i}.attn.to_qkv{suffix}"] = torch.cat([state[part] for part in parts])
+                used.update(parts)
     refuse_leftovers(state, used, source, DIFFUSERS)
     return DiTWeights(source, DIFFUSERS, tensors, depth, state.get(DIFFUSERS_CLASSES), None, config)
 
@@ -258,15 +251,13 @@ def diffusers_state(own: dict[str, Tensor], class_table: Tensor, depth: int) -> 
     """This project's DiT state dict (and class table) in diffusers' names, each block with its embedder copy."""
     pairs = [(ours, theirs) for _, theirs, ours in OUTER]
     pairs += [(f"blocks.{i}.{ours}", f"transformer_blocks.{i}.{theirs}")
-              for i in range(depth) for _, theirs, ours in INNER]
-    pairs += [(f"blocks.{i}.attn.to_q", f"transformer_blocks.{i}.attn1.to_q") for i in range(depth)]
+              for i in range(depth) for _, theirs, ours in INNER if theirs]
     out = renamed(own, pairs, set())
     out[DIFFUSERS_CLASSES] = class_table
     for i in range(depth):
         for suffix in SUFFIXES:
-            k, v = own[f"blocks.{i}.attn.to_kv{suffix}"].chunk(2)
-            out[f"transformer_blocks.{i}.attn1.to_k{suffix}"] = k
-            out[f"transformer_blocks.{i}.attn1.to_v{suffix}"] = v
+            for name, part in zip("qkv", own[f"blocks.{i}.attn.to_qkv{suffix}"].chunk(3), strict=True):
+                out[f"transformer_blocks.{i}.attn1.to_{name}{suffix}"] = part
     first = {key[len(EMBEDDERS.format(0)):]: value for key, value in out.items() if key.startswith(EMBEDDERS.format(0))}
     for i in range(1, depth):
         out.update({EMBEDDERS.format(i) + name: value for name, value in first.items()})

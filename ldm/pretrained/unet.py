@@ -3,7 +3,8 @@
 Reads a diffusers `UNet2DConditionModel` (a model directory, a pipeline directory with `unet/`, or
 one file with its keys) and original checkpoints (`model.diffusion_model.input_blocks.1.1...`, or
 the same keys without `model.` or bare). The layout is told from the keys. The project's fused
-attention `to_kv` is the diffusers / original `to_k` and `to_v` stacked along the output dimension.
+projections stack the diffusers / original ones along the output dimension: self-attention's `to_qkv`
+is `to_q`, `to_k` and `to_v`, cross-attention's `to_kv` is `to_k` and `to_v`.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def block_names(unet: nn.Module) -> list[tuple[nn.Module, str, tuple[str, str]]]
 
 
 def _local_names(module: nn.Module, local: str, layout: int) -> list[str]:
-    """The source names of one parameter of a block (two for a fused key-value projection)."""
+    """The source names of one parameter of a block (two or three for a fused projection, stacked in order)."""
     if isinstance(module, AttentionBlock):
         raise WeightsError("Stable Diffusion weights need the cross-attention blocks of a UNet with "
                            "model.context_dim set (768 for SD-1.x, 1024 for SD-2.x)")
@@ -79,8 +80,10 @@ def _local_names(module: nn.Module, local: str, layout: int) -> list[str]:
         path = path.replace("blocks.", "transformer_blocks.", 1) if path.startswith("blocks.") else path
         if path.endswith(".to_out"):
             path += ".0"
-        if path.endswith(".to_kv"):
-            return [f"{path[:-2]}{part}.{parameter}" for part in ("k", "v")]
+        for fused in (".to_qkv", ".to_kv"):
+            if path.endswith(fused):
+                stem = path[: -len(fused)]
+                return [f"{stem}.to_{part}.{parameter}" for part in fused[len(".to_"):]]
     return [f"{path}.{parameter}" if path else parameter]
 
 
