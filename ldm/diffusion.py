@@ -19,8 +19,9 @@ from ldm.conditioners import Conditioner, Conditioning
 from ldm.data.batch import latents_from_batch
 from ldm.fingerprint import module_fingerprint
 from ldm.models import check_conditioning
+from ldm.models.layers import fuse_attention_keys
 from ldm.noise import randn
-from ldm.optim import parameter_groups
+from ldm.optim import parameter_groups, upgraded_optimizer_state
 from ldm.samplers.guidance import classifier_free_guidance
 
 VAL_SEED = 12345
@@ -159,7 +160,15 @@ class LatentDiffusion(L.LightningModule):
         checkpoint["frozen_parts"] = dict(self.frozen_fingerprints())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from ldm.callbacks.ema import CHECKPOINT_KEY
+
         checkpoint["state_dict"] = self.full_state_dict(checkpoint)
+        # checkpoints from before self-attention had one fused qkv projection: EMA and optimizer moments too
+        if checkpoint.get(CHECKPOINT_KEY):
+            checkpoint[CHECKPOINT_KEY] = fuse_attention_keys(self, checkpoint[CHECKPOINT_KEY])
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = [upgraded_optimizer_state(self, state)
+                                              for state in checkpoint["optimizer_states"]]
 
     def full_state_dict(self, checkpoint: dict) -> dict[str, torch.Tensor]:
         """The checkpoint's trained weights plus this module's frozen parts, once their hashes agree."""
@@ -185,6 +194,7 @@ class LatentDiffusion(L.LightningModule):
         self.load_state_dict(self.full_state_dict(checkpoint), strict=True)
         average = checkpoint.get(CHECKPOINT_KEY) if ema else None
         if average:
+            average = fuse_attention_keys(self, average)
             params = dict(self.named_parameters())
             with torch.no_grad():
                 for name, value in average.items():

@@ -51,3 +51,38 @@ def constant(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.o
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                   final_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, Warmup(warmup_steps, total_steps, final_ratio))
+
+
+def earlier_names(name: str) -> list[str]:
+    """The parameter names a checkpoint of the earlier layout holds for `name`: self-attention's fused
+    to_qkv was to_q and to_kv, stacked in that order."""
+    if ".to_qkv." not in name:
+        return [name]
+    return [name.replace(".to_qkv.", ".to_q."), name.replace(".to_qkv.", ".to_kv.")]
+
+
+def upgraded_optimizer_state(module: nn.Module, state: dict) -> dict:
+    """An optimizer state dict saved for `module` in the earlier attention layout, rewritten for its parameters
+    now (moments of to_q and to_kv stacked like the weights); a state of the current layout comes back as it is."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in parameter_groups(module)]
+    saved = state["param_groups"]
+    earlier = [[old for name in group for old in earlier_names(name)] for group in groups]
+    if len(saved) != len(groups) or [len(g["params"]) for g in saved] == [len(g) for g in groups]:
+        return state
+    if [len(g["params"]) for g in saved] != [len(g) for g in earlier]:
+        raise ValueError("the checkpoint's optimizer state has groups of "
+                         f"{[len(g['params']) for g in saved]} parameters, which fit neither this model's "
+                         f"{[len(g) for g in groups]} nor its earlier attention layout's {[len(g) for g in earlier]}")
+    moments, param_groups, index = {}, [], 0
+    for group, old_group, saved_group in zip(groups, earlier, saved, strict=True):
+        position = dict(zip(old_group, saved_group["params"], strict=True))
+        for name in group:
+            parts = [state["state"][position[old]] for old in earlier_names(name) if position[old] in state["state"]]
+            if parts:  # scalars (the step) are shared; tensors are stacked as the weights are
+                moments[index] = {key: torch.cat([part[key] for part in parts]) if torch.is_tensor(value) and value.ndim
+                                  else value
+                                  for key, value in parts[0].items()}
+            index += 1
+        param_groups.append({**saved_group, "params": list(range(index - len(group), index))})
+    return {"state": moments, "param_groups": param_groups}

@@ -16,7 +16,7 @@ from ldm.conditioners.conditioning import Conditioning
 from ldm.errors import ConfigError
 from ldm.models import DiT, UNet
 from ldm.models.layers import Attention, attention, compile_problem, fuse_attention_keys
-from ldm.optim import parameter_groups
+from ldm.optim import parameter_groups, upgraded_optimizer_state
 
 WIDTH, HEADS, TOKENS, CONTEXT, KEYS = 32, 4, 10, 12, 6
 
@@ -222,6 +222,21 @@ def test_compiled_dit_matches_eager():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(compile_problem(torch.device("cpu")) is not None,
+                    reason=f"torch.compile cannot run here: {compile_problem(torch.device('cpu'))}")
+def test_compiled_unet_matches_eager():
+    def build(**kwargs):
+        return UNet(in_channels=4, channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
+                    num_heads=2, context_dim=CONTEXT, input_size=8, use_scale_shift_norm=False, **kwargs)
+
+    inputs = (torch.randn(2, 4, 8, 8), torch.rand(2), Conditioning(tokens=torch.randn(2, KEYS, CONTEXT)))
+    (eager, compiled), (eager_grads, compiled_grads) = _compiled_and_eager(build, inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_compile_without_a_compiler_names_the_key(monkeypatch):
     import torch._inductor.config as inductor
 
@@ -255,6 +270,40 @@ def test_fused_and_foreach_adamw_match_the_plain_loop(option):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7, msg=name)
 
 
+class EarlierSelfAttention(nn.Module):
+    """The parameters of self-attention before the fused projection: to_q, then to_kv ([k | v] rows)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.to_q, self.to_kv, self.to_out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+
+def test_optimizer_state_of_the_earlier_layout_continues_the_same_trajectory():
+    model = tiny_dit()
+    earlier = tiny_dit()
+    for block in earlier.blocks:  # same place in the module order as the attention it replaces
+        block.attn = EarlierSelfAttention(64)
+    earlier.load_state_dict(old_layout(model.state_dict()))
+    optimizers = [torch.optim.AdamW(parameter_groups(m), lr=1e-2, weight_decay=0.1) for m in (model, earlier)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = {name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()}
+        for name, grad in old_layout(grads).items():
+            earlier.get_parameter(name).grad = grad
+        for name, grad in grads.items():
+            model.get_parameter(name).grad = grad
+        for optimizer in optimizers:
+            optimizer.step()
+    expected, saved = (optimizer.state_dict() for optimizer in optimizers)
+    upgraded = upgraded_optimizer_state(model, saved)
+    assert upgraded["param_groups"] == expected["param_groups"]
+    assert upgraded["state"].keys() == expected["state"].keys()
+    for index, moments in expected["state"].items():
+        for key, value in moments.items():
+            torch.testing.assert_close(upgraded["state"][index][key], value, msg=f"{index} {key}")
+    assert upgraded_optimizer_state(model, expected) is expected
+
+
 def test_channels_last_unet_matches_the_default_layout():
     def build(**kwargs):
         return UNet(in_channels=4, channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
@@ -276,3 +325,38 @@ def test_channels_last_unet_matches_the_default_layout():
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
     for (name, mine), theirs in zip(nhwc.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_run_checkpoint_of_the_earlier_attention_layout_still_samples():
+    """sample.py on a run saved before self-attention had one qkv projection: weights and EMA average load."""
+    from conftest import TINY, compose_config
+
+    from ldm.build import build_diffusion
+    from ldm.callbacks.ema import CHECKPOINT_KEY
+
+    def earlier(state: dict) -> dict:  # the earlier names, written here rule by rule: to_q + to_kv
+        old = {}
+        for key, value in state.items():
+            if ".to_qkv." in key:
+                q, kv = value.split([value.shape[0] // 3, 2 * value.shape[0] // 3])
+                old[key.replace(".to_qkv.", ".to_q.")], old[key.replace(".to_qkv.", ".to_kv.")] = q, kv
+            else:
+                old[key] = value
+        return old
+
+    cfg = compose_config(TINY)
+    trained = build_diffusion(cfg)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            if parameter.requires_grad:  # the frozen autoencoder is checked by its hash
+                parameter.add_(0.01 * torch.randn_like(parameter))
+    average = {name: p.detach() + 0.5 for name, p in trained.named_parameters() if p.requires_grad}
+    checkpoint = {"state_dict": earlier(trained.state_dict()), CHECKPOINT_KEY: earlier(average)}
+    trained.on_save_checkpoint(checkpoint)
+    assert any(".to_q." in key for key in checkpoint["state_dict"])
+
+    fresh = build_diffusion(cfg)
+    fresh.load_checkpoint(checkpoint, ema=True)
+    for name, parameter in fresh.named_parameters():
+        expected = average[name] if name in average else trained.state_dict()[name]
+        assert torch.equal(parameter, expected), name

@@ -34,7 +34,7 @@ class SampleMetrics(L.Callback):
     """`metrics`: an option of conf/metrics (null: the data set's own, digits or shapes; other data sets need one);
     `sampler`, `steps`, `guidance`: null for the run's own sampler, `diffusion.sample_steps` and `sample_guidance`."""
 
-    def __init__(self, num_samples: int = 500, every_n_steps: int | None = None, batch_size: int = 250,
+    def __init__(self, num_samples: int = 250, every_n_steps: int | None = None, batch_size: int = 250,
                  sampler=None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  metrics: str | None = None, metrics_overrides: Sequence[str] = (), reference: str = "train",
                  prompt_table: int = 16):
@@ -49,7 +49,6 @@ class SampleMetrics(L.Callback):
         self.reference, self.prompt_table = reference, prompt_table
         self.suite = self.conditions = None
         self.seconds = 0.0  # spent here during this fit: the overhead of the in-training evaluation
-        self._disabled = False
         self._last_slot = -1
 
     def _due(self, step: int) -> bool:
@@ -60,10 +59,8 @@ class SampleMetrics(L.Callback):
         self._last_slot = slot
         return True
 
-    def _prepare(self, trainer, pl_module) -> bool:
-        """Build the suite, its reference and the conditions once; False when this data set has no metrics."""
-        if self.suite is not None or self._disabled:
-            return not self._disabled
+    def _prepare(self, trainer, pl_module) -> None:
+        """Build the suite, its reference and the conditions; no suite when this data set has no metrics."""
         from ldm.metrics.reference import compute_reference
 
         datamodule = trainer.datamodule
@@ -71,25 +68,27 @@ class SampleMetrics(L.Callback):
         option = self.metrics or dataset_metrics_option(split)
         if option is None:
             log.warning("callbacks.sample_metrics: no feature network for %s; set callbacks.sample_metrics.metrics "
-                        "(e.g. inception, with metrics_overrides=[metrics.weights.inception=FILE]) to score samples",
+                        "(e.g. inception, with metrics_overrides=['metrics.weights.inception=FILE']) to score samples",
                         type(getattr(split, "base", split)).__name__)
-            self._disabled = True
-            return False
+            return
         keys = pl_module.conditioner.input_keys
         self.suite = build_run_suite(compose_metrics(option, overrides=self.metrics_overrides), keys)
         real = getattr(split, "base", split)  # a cached split holds latents: its data set has the images
         self.suite.set_reference(compute_reference(self.suite.backend.to(pl_module.device), real))
         self.suite.to(pl_module.device)
         self.conditions = Conditions(keys, datamodule.num_classes, split_captions(real) if CAPTION in keys else None)
-        return True
 
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not self._due(trainer.global_step):
-            return
+    def on_fit_start(self, trainer, pl_module):
+        # a wrong metrics setting stops the run before it trains, not at its first validation
         start = time.perf_counter()
         with own_random_stream(pl_module.device):
-            if not self._prepare(trainer, pl_module):
-                return
+            self._prepare(trainer, pl_module)
+        self.seconds += time.perf_counter() - start
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or self.suite is None or not self._due(trainer.global_step):
+            return
+        start = time.perf_counter()
         settings = SamplingSettings(self.sampler or pl_module.sampler, self.steps or pl_module.sample_steps,
                                     float(self.guidance if self.guidance is not None else pl_module.sample_guidance),
                                     seed=self.seed)

@@ -35,8 +35,8 @@ def starting_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> t
 def index_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """This rank's batches of sample indices: a contiguous share of range(n), so that features gathered from the
     ranks in rank order come in index order, as in one process."""
-    mine = list(range(rank, n, world_size))
-    return [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+    start, stop = rank * n // world_size, (rank + 1) * n // world_size
+    return [list(range(first, min(first + batch_size, stop))) for first in range(start, stop, batch_size)]
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +46,10 @@ def compile_problem(device: torch.device) -> str | None:
     return None
 
 
-def compile_each(modules: list[nn.Module], device: torch.device) -> None:
+def compile_each(modules: Iterable[nn.Module], device: torch.device) -> None:
     """Compile every module in place, each its own region: a block's code compiles once for all blocks of its
     kind and shape (again for train/eval, grad mode or a new batch size), which keeps compile time short."""
+    modules = list(modules)
     problem = compile_problem(device)
     if problem:
         raise ConfigError([f"model.compile=true: torch.compile cannot run on {device} here: {problem}; "
@@ -166,9 +168,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 class Attention(nn.Module):
-    """Multi-head attention via scaled_dot_product_attention: self-attention (`context_dim` None, one fused
-    `to_qkv` projection), or cross-attention to a context of width `context_dim` (`to_q`, and a fused `to_kv`)
-    with an optional key mask (B, L), True = attend."""
+    """Multi-head attention (see `attention`): self-attention (`context_dim` None, one fused `to_qkv`
+    projection), or cross-attention to a context of width `context_dim` (`to_q`, and a fused `to_kv`) with an
+    optional key mask (B, L), True = attend."""
 
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True,
                  zero_out: bool = False):
