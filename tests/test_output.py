@@ -34,7 +34,8 @@ def test_a_piped_run_prints_progress_lines_and_no_known_warnings(tmp_path):
                         f"hydra.run.dir={tmp_path / 'run'}")
     lines = result.stdout.splitlines()
     assert [int(m.group(1)) for line in lines if (m := TRAINING_LINE.match(line))] == [5, 10, 15, 20], result.stdout
-    assert any(re.match(r"^step 10/20  val/loss [\d.]+$", line) for line in lines), result.stdout
+    # the validation line: val/loss first, then the other validation metrics (sample metrics, noise levels)
+    assert any(re.match(r"^step 10/20  val/loss [\d.]+(  val/\S+ [-\d.e]+)*$", line) for line in lines), result.stdout
     assert "it/s" not in result.stdout, "Lightning's own bar was added beside the plain lines"
     output = result.stdout + result.stderr
     assert not [w for w in KNOWN_WARNINGS if w in output], output
