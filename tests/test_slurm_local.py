@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import pytest
 from conftest import ROOT, TINY
 from wandb_log import history_with, records
 
@@ -44,6 +45,7 @@ def wandb_runs(job_dir: Path) -> list[Path]:
     return sorted(job_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
 
+@pytest.mark.slow  # a signal timed against a running sweep: run alone (make test-slow)
 def test_requeued_job_resumes_from_the_signalled_step_with_the_same_wandb_run(tmp_path):
     sweep = tmp_path / "sweep"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), WANDB_MODE="offline",

@@ -34,7 +34,7 @@ class SampleMetrics(L.Callback):
     """`metrics`: an option of conf/metrics (null: the data set's own, digits or shapes; other data sets need one);
     `sampler`, `steps`, `guidance`: null for the run's own sampler, `diffusion.sample_steps` and `sample_guidance`."""
 
-    def __init__(self, num_samples: int = 250, every_n_steps: int | None = None, batch_size: int = 250,
+    def __init__(self, num_samples: int = 200, every_n_steps: int | None = None, batch_size: int = 250,
                  sampler=None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  metrics: str | None = None, metrics_overrides: Sequence[str] = (), reference: str = "train",
                  prompt_table: int = 16):
