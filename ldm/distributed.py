@@ -23,6 +23,8 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.files import restored_environment
+
 log = logging.getLogger(__name__)
 
 # what the ranks of one job set in the environment (Lightning too): for the job's duration only
@@ -112,7 +114,7 @@ def job_ranks(trainer, config: Callable[[], str]):
     variables of the environment are gone, so that another job can start in this process."""
     import torch
 
-    saved, threads = {name: os.environ.get(name) for name in JOB_VARIABLES}, torch.get_num_threads()
+    threads = torch.get_num_threads()
     strategy = trainer.strategy
     launcher = getattr(strategy, "_launcher", None)
     ours = None
@@ -120,20 +122,16 @@ def job_ranks(trainer, config: Callable[[], str]):
         ours = JobRanksLauncher(launcher.cluster_environment, launcher.num_processes, launcher.num_nodes, config())
         strategy._launcher = ours
     try:
-        yield
-    except BaseException:
-        if ours is not None:
-            ours.stop_ranks()
-        raise
-    else:
-        if ours is not None:
-            ours.wait_for_ranks()
+        with restored_environment(JOB_VARIABLES):
+            try:
+                yield
+            except BaseException:
+                if ours is not None:
+                    ours.stop_ranks()
+                raise
+            if ours is not None:
+                ours.wait_for_ranks()
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         torch.set_num_threads(threads)
         _end_process_group()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,3 +97,17 @@ def keep_copy(path: str | Path, copy: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(copy.parent)
+
+
+@contextmanager
+def restored_environment(names: Iterable[str]):
+    """Within: change the environment variables `names` freely. After: each has its value from before again."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

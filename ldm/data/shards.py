@@ -38,7 +38,7 @@ from ldm.data.cache import (
     stored_keys,
 )
 from ldm.data.cache_file import InvalidCache, build_once, remove
-from ldm.files import temporary_name
+from ldm.files import restored_environment, temporary_name
 
 #: bump when what a shard item holds or how the directory is laid out changes: older ones are rebuilt
 SHARD_FORMAT = 1
@@ -63,16 +63,9 @@ class Shards:
 def _single_writer():
     # litdata names chunk files after the writer's rank and, merging, waits for one index per rank;
     # here one process writes the whole set, whatever distributed run it belongs to
-    saved = {name: os.environ.get(name) for name in ("WORLD_SIZE", "GLOBAL_RANK", "NNODES")}
-    os.environ.update(WORLD_SIZE="1", GLOBAL_RANK="0", NNODES="1")
-    try:
+    with restored_environment(("WORLD_SIZE", "GLOBAL_RANK", "NNODES")):
+        os.environ.update(WORLD_SIZE="1", GLOBAL_RANK="0", NNODES="1")
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def write_shards(directory: Path, items: Iterable[dict], info: dict, chunk_bytes: int | str = CHUNK_BYTES) -> None:
