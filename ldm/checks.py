@@ -137,7 +137,10 @@ SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 # callbacks that need whole parameters on rank 0 (FSDP keeps only a shard of each on every rank)
 WHOLE_PARAMETER_CALLBACKS = {"ldm.callbacks.ema.EMA": "averages whole parameters and saves them from rank 0",
                              "ldm.callbacks.sample_grid.SampleGrid": "samples on rank 0 alone",
-                             "ldm.callbacks.reconstructions.Reconstructions": "decodes on rank 0 alone"}
+                             "ldm.callbacks.reconstructions.Reconstructions": "decodes on rank 0 alone",
+                             "ldm.callbacks.noise_levels.NoiseLevelLoss": "runs the denoiser on rank 0 alone",
+                             "ldm.callbacks.metrics.SampleMetrics": "samples with unequal shares per rank, and "
+                                                                    "with the EMA weights"}
 
 
 def strategy_problems(found: Findings) -> None:

@@ -24,6 +24,8 @@ CHANGEABLE_ON_RESUME = (
     "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "data.num_workers",
+    # speed settings: the same weights and optimizer state, computed faster
+    "model.compile", "model.channels_last", "optimizer.fused", "optimizer.foreach",
     "paths", "logger", "hydra",
 )
 _ABSENT = "(not set)"
@@ -70,7 +72,8 @@ def run_dir_problems(cfg: DictConfig, run_dir: str | Path) -> list[str]:
     if not stored_path.is_file():
         return []
     try:
-        stored = OmegaConf.to_container(OmegaConf.load(stored_path), resolve=False)
+        stored_cfg = OmegaConf.load(stored_path)
+        stored = OmegaConf.to_container(stored_cfg, resolve=False)
     except Exception as error:  # a damaged file is no finished run to protect, but say so rather than overwrite it
         return [f"hydra.run.dir={run_dir}: its {CONFIG_FILE} cannot be read ({error}); use a new directory"]
     current = OmegaConf.to_container(cfg, resolve=False)
@@ -79,11 +82,32 @@ def run_dir_problems(cfg: DictConfig, run_dir: str | Path) -> list[str]:
     for key in sorted(old.keys() | new.keys()):
         if changeable(key) or old.get(key, _ABSENT) == new.get(key, _ABSENT):
             continue
+        if key not in old and not any(other.startswith(key + ".") for other in old):
+            continue  # a setting added to the project after the run was made: the run used its default
+        if same_when_resolved(stored_cfg, cfg, key):
+            continue  # e.g. a literal value now written as an interpolation that gives the same
         before, now = old.get(key, _ABSENT), new.get(key, _ABSENT)
         problems.append(f"{key}={now} differs from the run in {run_dir} (made with {key}={before}): a run directory "
                         "keeps the config that made it; train in a new directory (leave hydra.run.dir unset) or "
                         f"continue this run with {key}={before}")
     return problems
+
+
+def same_when_resolved(stored: DictConfig, current: DictConfig, key: str) -> bool:
+    """Whether `key` gives the same value in both configs once interpolations are resolved."""
+    before, now = _resolved(stored, key), _resolved(current, key)
+    return before is not _UNRESOLVED and now is not _UNRESOLVED and before == now
+
+
+_UNRESOLVED = object()
+
+
+def _resolved(cfg: DictConfig, key: str) -> Any:
+    try:
+        value = OmegaConf.select(cfg, key, default=_UNRESOLVED, throw_on_missing=True)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    except Exception:  # an interpolation that needs Hydra's runtime, or a missing value: not comparable
+        return _UNRESOLVED
 
 
 def changeable(key: str) -> bool:

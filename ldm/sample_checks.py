@@ -18,21 +18,38 @@ from ldm.run_checks import CONFIG_FILE
 
 def sampling_problems(cfg: DictConfig) -> list[str]:
     found = Findings(cfg)
-    found.integer("n", minimum=1, hint="the number of images to draw, e.g. n=100")
+    argument_problems(found, n_minimum=1, n_hint="the number of images to draw, e.g. n=100", guidance_null=None)
+    run_problems(found, "sample.py")
+    checkpoint_problems(found, ("last", "best"))
+    return found.problems
+
+
+def argument_problems(found: Findings, n_minimum: int, n_hint: str, guidance_null: str | None) -> None:
+    """The numbers sample.py and evaluate.py share; `guidance_null`: what null means, or None if refused."""
+    found.integer("n", minimum=n_minimum, hint=n_hint)
     found.integer("batch_size", minimum=1, hint="images per forward pass, e.g. batch_size=250")
     found.integer("seed", hint="e.g. seed=0")
     found.integer("steps", minimum=1, allow_none=True, hint="sampler steps, e.g. steps=25 (null: the run's own)")
-    found.number("guidance", minimum=0, hint="1 is plain conditional sampling, 0 unconditional, above 1 guided")
+    found.number("guidance", minimum=0, allow_none=guidance_null is not None,
+                 hint="1 is plain conditional sampling, 0 unconditional, above 1 guided"
+                 + (f" (null: {guidance_null})" if guidance_null else ""))
     found.number("guidance_rescale", minimum=0, maximum=1, hint="0 is no rescale, 0.7 as in Lin et al.")
     interval_problems(found)
-    run_cfg = run_config(found)
+
+
+def run_problems(found: Findings, script: str) -> None:
+    """The run (or preset) exists, and the labels or prompts asked for fit its conditions."""
+    run_cfg = run_config(found, script)
     keys, num_classes = condition_facts(run_cfg)
     label_problems(found, keys, num_classes, run_cfg)
     prompt_problems(found, keys)
+
+
+def checkpoint_problems(found: Findings, names: tuple[str, ...]) -> None:
     checkpoint = found.value("checkpoint")
-    if checkpoint not in ("last", "best", UNKNOWN) and not Path(str(checkpoint)).expanduser().is_file():
-        found.add(f"checkpoint={checkpoint}: no such file; use last, best, or the path of a checkpoint file")
-    return found.problems
+    if checkpoint not in (*names, UNKNOWN) and not Path(str(checkpoint)).expanduser().is_file():
+        found.add(f"checkpoint={checkpoint}: no such file; use {', '.join(names)}, or the path of a checkpoint file"
+                  + (" (init: untrained)" if "init" in names else ""))
 
 
 def check_sampling(cfg: DictConfig) -> None:
@@ -50,7 +67,7 @@ def interval_problems(found: Findings) -> None:
                   "e.g. guidance_interval=[0.1,0.9], or null (guide at every step)")
 
 
-def run_config(found: Findings) -> DictConfig | None:
+def run_config(found: Findings, script: str = "sample.py") -> DictConfig | None:
     experiment = found.cfg.get("preset")
     run = None if OmegaConf.is_missing(found.cfg, "run") else found.value("run")
     if run is not None and experiment is not None:
@@ -59,7 +76,7 @@ def run_config(found: Findings) -> DictConfig | None:
     if run is None and experiment is not None:
         return preset_run_config(found, str(experiment))
     if run is None:
-        found.add("run: missing; give the training run directory, e.g. sample.py run=runs/2026-11-22/10-00-00, "
+        found.add(f"run: missing; give the training run directory, e.g. {script} run=runs/2026-11-22/10-00-00, "
                   "or a preset with its weights: preset=EXPERIMENT preset_overrides=\"['model.weights=FILE']\"")
         return None
     path = Path(str(run)).expanduser() / CONFIG_FILE

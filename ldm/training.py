@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> float | None:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-        precision=resolve_precision(cfg.trainer.get("precision", "auto")),
+        precision=resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.get("accelerator", "auto"))),
         # the data module shards by rank itself (ldm/data/order.py), so a resumed epoch continues exactly
         use_distributed_sampler=False,
     )

@@ -29,6 +29,7 @@ TINY = [
     "diffusion.sample_steps=2",
     "lr_scheduler.warmup_steps=0",
     "callbacks.sample_grid.per_row=2",
+    "callbacks.sample_metrics.num_samples=16",
     # short runs: an EMA that starts at once and follows quickly, so validation sees training progress
     "callbacks.ema.update_starting_at_step=0",
     "callbacks.ema.decay=0.9",

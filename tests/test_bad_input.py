@@ -211,6 +211,23 @@ def test_a_run_directory_may_continue_with_a_longer_run_only(tmp_path):
     assert problem.startswith(f"model.depth=3 differs from the run in {tmp_path} (made with model.depth=2)")
 
 
+def test_a_run_directory_from_an_older_version_continues(tmp_path):
+    """Keys the project added since, and literals now written as interpolations giving the same value."""
+    made = compose_config(TINY + ["trainer.max_steps=60"], tmp_path)
+    stored = OmegaConf.to_container(made, resolve=False)
+    del stored["model"]["time_frequency_shift"]          # a setting the older version did not have
+    shift = made.diffusion.shift_factor
+    stored["diffusion"]["shift_factor"] = shift          # the older version wrote the number itself
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(stored), tmp_path / ".hydra" / "config.yaml")
+    assert run_dir_problems(compose_config(TINY + ["trainer.max_steps=600", "model.compile=true"], tmp_path),
+                            tmp_path) == []
+    stored["diffusion"]["shift_factor"] = shift + 0.5    # a real difference is still refused
+    OmegaConf.save(OmegaConf.create(stored), tmp_path / ".hydra" / "config.yaml")
+    [problem] = run_dir_problems(compose_config(TINY + ["trainer.max_steps=600"], tmp_path), tmp_path)
+    assert problem.startswith("diffusion.shift_factor=")
+
+
 # ---- through the real commands: exit status 2, no traceback, nothing left behind ------------------
 
 

@@ -107,3 +107,21 @@ def test_compare_refuses_a_file_that_is_not_a_result(tmp_path, capsys):
         main(["--compare", str(bad), str(bad)])
     assert exit_info.value.code == 2
     assert "not a bench result" in capsys.readouterr().err
+
+
+def test_callback_overhead_counts_the_evaluation_it_adds():
+    """The row's extra work is the callback's sampling: twice the samples, twice the extra FLOPs."""
+    from ldm.bench.callbacks import sample_metrics_rows
+    from ldm.bench.cli import QUICK_RUN
+
+    peaks = {"fp32": 1e11}
+    rows = {n: sample_metrics_rows(["fp32"], 1, 0, CPU, peaks, QUICK_RUN + [f"callbacks.sample_metrics.num_samples={n}",
+                                                                          "data.cache=false"])[0]
+            for n in (8, 16)}
+    for row in rows.values():
+        extra = row["project"]["seconds"] - row["reference"]["seconds"]
+        assert extra > 0 and row["ratio"] == pytest.approx(row["project"]["seconds"] / row["reference"]["seconds"])
+        assert row["reference"]["label"] == "500 steps alone"  # the default run's validation interval
+    extra_flops = {n: row["project"]["flops"] - row["reference"]["flops"] for n, row in rows.items()}
+    assert extra_flops[8] > 0
+    assert extra_flops[16] == pytest.approx(2 * extra_flops[8], rel=0.05)

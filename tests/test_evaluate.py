@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,8 @@ def test_run_evaluation_writes_metrics_with_provenance_whatever_the_batch_size(t
     from ldm.evaluation.draw import sample_seed
     from ldm.sampling import load_run
 
-    record = evaluation(tmp_path, "a", f"run={trained_run}", "keep=4")
+    # float32 like module.sample below (auto is bf16 autocast on CPUs with bf16 units)
+    record = evaluation(tmp_path, "a", f"run={trained_run}", "keep=4", "precision=32-true")
     metrics, provenance = record["metrics"], record["provenance"]
     assert {"fd_digits", "kid_digits", "precision_digits", "recall_digits", "accuracy_digits"} <= set(metrics)
     weights = Path(provenance["weights"])
@@ -53,7 +55,7 @@ def test_run_evaluation_writes_metrics_with_provenance_whatever_the_batch_size(t
     assert (provenance["seed"], provenance["world_size"], provenance["checkpoint_step"], provenance["ema"]) == (
         0, 1, 60, True)
     # one batch instead of three: sample i comes from seed (0, i) either way
-    again = evaluation(tmp_path, "b", f"run={trained_run}", "batch_size=40", "keep=4")
+    again = evaluation(tmp_path, "b", f"run={trained_run}", "batch_size=40", "keep=4", "precision=32-true")
     assert again["metrics"] == pytest.approx(metrics, rel=1e-5)
     # ... and is the image that the run's own sampling draws from that seed, one at a time
     _, module = load_run(trained_run)
@@ -146,6 +148,21 @@ def test_bad_arguments_are_named_before_any_work(trained_run, tmp_path):
                      "samples=nope.npz: no such .npz file", "checkpoint=nope.ckpt: no such file"):
         assert expected in message
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_sweep_on_several_devices_is_refused_before_any_job(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sweep = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "-m", f"run={trained_run}", "accelerator=cpu",
+                             "devices=2", "steps=2,4", f"hydra.sweep.dir={sweep}"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "devices=2 (2 devices) in a sweep (-m)" in result.stderr and "devices=1" in result.stderr
+    assert not sweep.exists()
 
 
 @pytest.mark.slow

@@ -19,11 +19,16 @@ def problems(overrides: list[str]) -> list[str]:
     return []
 
 
+FSDP_OFF = ["callbacks.ema=null", "callbacks.sample_grid=null", "callbacks.noise_levels=null",
+            "callbacks.sample_metrics=null"]
+
+
 def test_fsdp_on_cpus_or_with_whole_parameter_callbacks_is_refused_with_the_alternative():
     found = problems(["trainer=fsdp", "trainer.accelerator=cpu"])
-    assert len(found) == 3, found
+    assert len(found) == 5, found
     assert "trainer.strategy=fsdp needs GPUs" in found[0] and "use trainer=ddp trainer.accelerator=cpu" in found[0]
-    for name, what in (("ema", "averages whole parameters"), ("sample_grid", "samples on rank 0 alone")):
+    for name, what in (("ema", "averages whole parameters"), ("sample_grid", "samples on rank 0 alone"),
+                       ("noise_levels", "rank 0 alone"), ("sample_metrics", "unequal shares")):
         line = next(p for p in found if p.startswith(f"callbacks.{name} "))
         assert what in line and "use trainer=ddp" in line and f"callbacks.{name}=null" in line
 
@@ -34,6 +39,6 @@ def test_spawned_copies_are_refused(strategy):
 
 
 def test_fsdp_on_gpus_without_them_and_ddp_pass():
-    assert problems(["trainer=fsdp", "callbacks.ema=null", "callbacks.sample_grid=null"]) == []
+    assert problems(["trainer=fsdp", *FSDP_OFF]) == []
     assert problems(["trainer=ddp"]) == []
     assert problems(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]) == []

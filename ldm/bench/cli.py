@@ -11,16 +11,18 @@ from pathlib import Path
 
 import torch
 
-from ldm.bench import autoencoders, data, denoisers, sampling
+from ldm.bench import autoencoders, callbacks, data, denoisers, sampling
 from ldm.bench.measure import Comparison, measure, release
 from ldm.bench.peak import measure_peaks
 from ldm.bench.report import compare, read_json, table, write_json
 from ldm.bench.timing import PRECISIONS
 from ldm.errors import UserError, reported_user_errors
 
-GROUPS = ("denoisers", "autoencoders", "sampling", "data")
+GROUPS = ("denoisers", "autoencoders", "sampling", "data", "callbacks")
 # batch sizes that keep the whole bench to a few minutes on a 2-core CPU
 BATCH_SIZES = {"dit_s": 16, "dit_b": 4, "dit_l": 2, "dit_xl": 2, "unet": 8, "vae": 2, "sampling": 8, "data": 32}
+# --quick: the default run's callback, small
+QUICK_RUN = ["data.batch_size=8", "callbacks.sample_metrics.num_samples=8", "diffusion.sample_steps=2"]
 QUICK = {"steps": 1, "warmup": 0, "batch_size": 2, "dit": ["dit_s"], "nfe": 3, "peak_size": 1024,
          "peak_repeats": 2}
 
@@ -119,6 +121,12 @@ def run(args: argparse.Namespace) -> dict:
     print(f"device {device}, {torch.get_num_threads()} threads, precisions {' '.join(args.precision)}, "
           f"median of {args.steps} steps after {args.warmup} warm-up rounds", flush=True)
     for group in args.only:
+        if group == "callbacks":
+            print("  callbacks: sample metrics of the default run ...", flush=True)
+            rows += callbacks.sample_metrics_rows(args.precision, args.steps, args.warmup, device, peaks,
+                                                  QUICK_RUN if args.quick else [])
+            release()
+            continue
         for comparison in comparisons(group, args, device, skipped):
             print(f"  {group}: {comparison.name} ...", flush=True)
             rows += measure(comparison, args.precision, args.steps, args.warmup, device, peaks)

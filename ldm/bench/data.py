@@ -25,8 +25,8 @@ SHAPES_TEXT = ["experiment=shapes_text", "data.train.num_samples=128", "data.val
 VIT_B_32_TEXT = SHAPES_TEXT + ["conditioner=clip_text", "conditioner.embedders.0.pretrained=null"]
 
 
-def training_member(label: str, overrides: list[str], cache_dir: str, device: torch.device) -> Member:
-    """LatentDiffusion's training step (with its optimizer) on one batch of the configured data."""
+def build_training(overrides: list[str], cache_dir: str, device: torch.device):
+    """The configured LatentDiffusion on `device`, its datamodule, and its training step on one batch."""
     cfg = train_config(overrides + ["paths.output_dir=.", f"data.cache_dir={cache_dir}"])
     module = build_diffusion(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -43,6 +43,12 @@ def training_member(label: str, overrides: list[str], cache_dir: str, device: to
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return cfg, module, datamodule, step
+
+
+def training_member(label: str, overrides: list[str], cache_dir: str, device: torch.device) -> Member:
+    """LatentDiffusion's training step (with its optimizer) on one batch of the configured data."""
+    _, module, _, step = build_training(overrides, cache_dir, device)
     return Member(label, step, sum(p.numel() for p in module.parameters() if p.requires_grad))
 
 

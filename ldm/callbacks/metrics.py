@@ -89,17 +89,11 @@ class SampleMetrics(L.Callback):
         if trainer.sanity_checking or self.suite is None or not self._due(trainer.global_step):
             return
         start = time.perf_counter()
-        settings = SamplingSettings(self.sampler or pl_module.sampler, self.steps or pl_module.sample_steps,
-                                    float(self.guidance if self.guidance is not None else pl_module.sample_guidance),
-                                    seed=self.seed)
         kept: dict = {}
         ema = find_ema(trainer)
         with ema.applied(pl_module) if ema is not None else nullcontext(), \
                 trainer.precision_plugin.forward_context(), own_random_stream(pl_module.device):
-            for indices in index_batches(self.num_samples, self.batch_size, trainer.global_rank, trainer.world_size):
-                score_batch(pl_module, self.suite, self.conditions, settings, indices, kept, self.prompt_table)
-        scores = self.suite.compute()  # every rank takes part, and gets the numbers of all ranks' samples
-        self.suite.reset()
+            scores = self.score(pl_module, trainer.global_rank, trainer.world_size, kept)
         for name, value in scores.items():
             pl_module.log(f"val/{name}", value, sync_dist=True)  # equal on every rank: the mean changes nothing
         elapsed = time.perf_counter() - start
@@ -107,6 +101,17 @@ class SampleMetrics(L.Callback):
         pl_module.log("time/sample_metrics_seconds", elapsed, rank_zero_only=True)
         if trainer.is_global_zero and kept and CAPTION in self.conditions.input_keys:
             self._log_prompts(trainer, kept)
+
+    def score(self, pl_module, rank: int = 0, world_size: int = 1, kept: dict | None = None) -> dict[str, float]:
+        """This rank's share of the samples, drawn with the module's current weights and scored with all ranks'."""
+        settings = SamplingSettings(self.sampler or pl_module.sampler, self.steps or pl_module.sample_steps,
+                                    float(self.guidance if self.guidance is not None else pl_module.sample_guidance),
+                                    seed=self.seed)
+        for indices in index_batches(self.num_samples, self.batch_size, rank, world_size):
+            score_batch(pl_module, self.suite, self.conditions, settings, indices, kept, self.prompt_table)
+        scores = self.suite.compute()  # every rank takes part, and gets the numbers of all ranks' samples
+        self.suite.reset()
+        return scores
 
     def _log_prompts(self, trainer, kept: dict) -> None:
         """A wandb table prompt -> image of the first samples (text runs)."""

@@ -6,24 +6,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checks import UNKNOWN, Findings
+from ldm.checks import Findings
 from ldm.errors import ConfigError
 from ldm.evaluation.suites import SPLITS
 from ldm.hydra_hooks import CheckConfig
-from ldm.sample_checks import condition_facts, interval_problems, label_problems, prompt_problems, run_config
+from ldm.sample_checks import argument_problems, checkpoint_problems, run_problems
 
 
 def evaluation_problems(cfg: DictConfig) -> list[str]:
     found = Findings(cfg)
-    found.integer("n", minimum=2, hint="the number of samples to score, e.g. n=1000")
-    found.integer("batch_size", minimum=1, hint="samples per forward pass, e.g. batch_size=250")
-    found.integer("seed", hint="e.g. seed=0")
-    found.integer("steps", minimum=1, allow_none=True, hint="sampler steps, e.g. steps=25 (null: the run's own)")
-    found.number("guidance", minimum=0, allow_none=True, hint="1 is plain conditional sampling, above 1 guided "
-                 "(null: the run's diffusion.sample_guidance)")
-    found.number("guidance_rescale", minimum=0, maximum=1, hint="0 is no rescale, 0.7 as in Lin et al.")
+    argument_problems(found, n_minimum=2, n_hint="the number of samples to score, e.g. n=1000",
+                      guidance_null="the run's diffusion.sample_guidance")
     found.integer("keep", minimum=0, hint="samples kept for the grid, e.g. keep=100")
-    interval_problems(found)
     for key, allowed in (("reference", SPLITS), ("real", (None, *SPLITS))):
         if found.value(key) not in allowed:
             found.add(f"{key}={found.value(key)}: choose one of {', '.join(map(str, allowed))}")
@@ -41,14 +35,8 @@ def evaluation_problems(cfg: DictConfig) -> list[str]:
         reference_data_problems(found)
         if run is None:
             return found.problems
-    run_cfg = run_config(found)
-    keys, num_classes = condition_facts(run_cfg)
-    label_problems(found, keys, num_classes, run_cfg)
-    prompt_problems(found, keys)
-    checkpoint = found.value("checkpoint")
-    if checkpoint not in ("last", "best", "init", UNKNOWN) and not Path(str(checkpoint)).expanduser().is_file():
-        found.add(f"checkpoint={checkpoint}: no such file; use last, best, init (untrained), or the path of a "
-                  "checkpoint file")
+    run_problems(found, "evaluate.py")
+    checkpoint_problems(found, ("last", "best", "init"))
     return found.problems
 
 
@@ -66,8 +54,30 @@ def check_evaluation(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
+def device_count(cfg: DictConfig) -> int:
+    """How many devices the predict loop would use (devices=auto: every visible GPU, else one)."""
+    import torch
+
+    devices, accelerator = cfg.get("devices"), str(cfg.get("accelerator"))
+    if devices != "auto":
+        return devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | tuple) else 1
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return max(torch.cuda.device_count(), 1) if on_gpu else 1
+
+
 class CheckEvaluationConfig(CheckConfig):
     """Hydra callback of evaluate.py: the arguments are checked before the output directory is made."""
 
+    sweeping = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.sweeping = True
+        super().on_multirun_start(config, **kwargs)
+
     def problems(self, config: DictConfig) -> list[str]:
-        return evaluation_problems(config)
+        problems = evaluation_problems(config)
+        if self.sweeping and (count := device_count(config)) > 1:
+            problems.append(f"devices={config.get('devices')} ({count} devices) in a sweep (-m): Lightning would start "
+                            "every further rank as the whole sweep; sweep with devices=1, or evaluate on several "
+                            "devices one job at a time (python evaluate.py run=DIR devices=N)")
+        return problems

@@ -45,7 +45,7 @@ def score_run(cfg: DictConfig) -> dict[str, float]:
                             list(cfg.labels) if cfg.labels is not None else None)
     task = SampleEvaluation(module, suite, conditions, settings, cfg.n, cfg.batch_size, cfg.keep)
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                        precision=_precision(cfg.precision), logger=False, enable_checkpointing=False,
+                        precision=_precision(cfg.precision, cfg.accelerator), logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False,
                         default_root_dir=cfg.paths.output_dir)
     trainer.predict(task, return_predictions=False)
@@ -179,10 +179,10 @@ def _source(cfg: DictConfig, run_cfg: DictConfig) -> dict:
             "data": OmegaConf.select(run_cfg, "data.train._target_")}
 
 
-def _precision(precision):
+def _precision(precision, accelerator):
     from ldm.build import resolve_precision
 
-    return resolve_precision(precision)
+    return resolve_precision(precision, str(accelerator))
 
 
 def _hydra():
