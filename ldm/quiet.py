@@ -15,6 +15,9 @@ KNOWN_WARNINGS = [
     (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning, r"lightning\.pytorch"),
     # Lightning's own pytree helper builds a LeafSpec, which torch deprecated; nothing of ours uses it
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch"),
+    # the model summary's size estimate under bf16 autocast (the default on GPUs and CPUs with bf16 units):
+    # the weights are float32 under mixed precision, so the 32-bit estimate it falls back to is the right one
+    (r"Precision bf16-mixed is not supported by the model summary", UserWarning, r"lightning\.pytorch"),
     # the streamed latent shards (ldm/data/streaming.py) know their exact length per rank and worker
     (r"Your `IterableDataset` has `__len__` defined", UserWarning, r"lightning\.pytorch"),
 ]
