@@ -18,21 +18,20 @@ from ldm.run_checks import CONFIG_FILE
 
 def sampling_problems(cfg: DictConfig) -> list[str]:
     found = Findings(cfg)
-    argument_problems(found, n_minimum=1, n_hint="the number of images to draw, e.g. n=100", guidance_null=None)
+    argument_problems(found, n_minimum=1, n_hint="the number of images to draw, e.g. n=100")
     run_problems(found, "sample.py")
     checkpoint_problems(found, ("last", "best"))
     return found.problems
 
 
-def argument_problems(found: Findings, n_minimum: int, n_hint: str, guidance_null: str | None) -> None:
-    """The numbers sample.py and evaluate.py share; `guidance_null`: what null means, or None if refused."""
+def argument_problems(found: Findings, n_minimum: int, n_hint: str) -> None:
+    """The numbers sample.py and evaluate.py share."""
     found.integer("n", minimum=n_minimum, hint=n_hint)
     found.integer("batch_size", minimum=1, hint="images per forward pass, e.g. batch_size=250")
     found.integer("seed", hint="e.g. seed=0")
     found.integer("steps", minimum=1, allow_none=True, hint="sampler steps, e.g. steps=25 (null: the run's own)")
-    found.number("guidance", minimum=0, allow_none=guidance_null is not None,
-                 hint="1 is plain conditional sampling, 0 unconditional, above 1 guided"
-                 + (f" (null: {guidance_null})" if guidance_null else ""))
+    found.number("guidance", minimum=0, allow_none=True, hint="1 is plain conditional sampling, 0 unconditional, "
+                 "above 1 guided (null: the run's diffusion.sample_guidance)")
     found.number("guidance_rescale", minimum=0, maximum=1, hint="0 is no rescale, 0.7 as in Lin et al.")
     interval_problems(found)
 

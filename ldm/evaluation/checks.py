@@ -15,8 +15,7 @@ from ldm.sample_checks import argument_problems, checkpoint_problems, run_proble
 
 def evaluation_problems(cfg: DictConfig) -> list[str]:
     found = Findings(cfg)
-    argument_problems(found, n_minimum=2, n_hint="the number of samples to score, e.g. n=1000",
-                      guidance_null="the run's diffusion.sample_guidance")
+    argument_problems(found, n_minimum=2, n_hint="the number of samples to score, e.g. n=1000")
     found.integer("keep", minimum=0, hint="samples kept for the grid, e.g. keep=100")
     for key, allowed in (("reference", SPLITS), ("real", (None, *SPLITS))):
         if found.value(key) not in allowed:

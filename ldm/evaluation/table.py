@@ -87,6 +87,9 @@ def plot_quality_vs_nfe(rows: list[dict], metric: str, ax=None):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log")
+    values = [row[metric] for row in rows if row.get(metric) is not None]
+    if values and min(values) > 0 and max(values) / min(values) > 20:  # e.g. an untrained model beside trained ones
+        ax.set_yscale("log")
     ax.set_xlabel("network evaluations per image (NFE)")
     ax.set_ylabel(metric)
     if curves:

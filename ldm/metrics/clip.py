@@ -19,6 +19,7 @@ class ClipFeatures(FeatureBackend):
     `vision_cfg` / `text_cfg` / `embed_dim` replace its config (small towers in tests)."""
 
     name = "clip"
+    encodes_text = True
 
     def __init__(self, weights: str | Path | None = None, model_name: str = "ViT-B-32", vision_cfg: dict | None = None,
                  text_cfg: dict | None = None, embed_dim: int | None = None):
@@ -47,6 +48,10 @@ class ClipFeatures(FeatureBackend):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = resize(rgb(images), self.image_size, mode="bicubic").clamp(0, 1)
         return self.model.encode_image((x - self.mean) / self.std, normalize=True)
+
+    def text_alignment(self, images, features: torch.Tensor, captions) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, caption) embeddings of the CLIP score: the image features and the text tower's."""
+        return features, self.encode_text(list(captions))
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """(N, embed_dim) normalized caption embeddings."""

@@ -84,6 +84,7 @@ class FeatureBackend(nn.Module):
 
     name: str = "features"
     feature_dim: int = 0
+    encodes_text = False  # whether `text_alignment(images, features, captions)` gives CLIP-score embeddings
 
     def __init__(self, weights_path: str | Path, settings: dict | None = None):
         super().__init__()

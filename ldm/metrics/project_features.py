@@ -109,6 +109,7 @@ class ProjectFeatures(FeatureBackend):
             raise WeightsError(f"{path} has heads {sorted(self.network.heads)}, the {name} network has "
                                f"{sorted(SPECS[name]['heads'])}")
         self.feature_dim = sum(stage[0].out_channels for stage in self.network.stages)
+        self.encodes_text = name == "shapes"
         self.freeze()
 
     @property
@@ -127,6 +128,21 @@ class ProjectFeatures(FeatureBackend):
     def classify(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits (N, classes) per attribute."""
         return self.network(self._network_input(images))
+
+    def text_alignment(self, images, features, captions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CLIP score's (image, caption) embeddings in the classifier's attribute space (shapes): per attribute
+        the predicted class probabilities against the caption's one-hot class (uniform where it names none), so
+        that 100 * cosine is 100 when every attribute is recognized with certainty as the one asked for."""
+        targets = self.targets(captions=captions)
+        image_parts, text_parts = [], []
+        for name, logits in self.classify(images).items():
+            image_parts.append(logits.float().softmax(-1))
+            asked = targets[name].to(logits.device)
+            text = torch.full_like(image_parts[-1], 1 / logits.shape[-1])
+            named = asked >= 0
+            text[named] = torch.nn.functional.one_hot(asked[named], logits.shape[-1]).float()
+            text_parts.append(text)
+        return torch.cat(image_parts, dim=-1), torch.cat(text_parts, dim=-1)
 
     def targets(self, labels=None, captions=None) -> dict[str, torch.Tensor] | None:
         """What each sample was asked to show, per attribute (-1: not asked); None when nothing was asked."""

@@ -43,9 +43,9 @@ class MetricSuite(nn.Module):
         self.metrics = list(metrics)
         problems = [f"metrics.metrics: unknown metric '{name}'; choose from {', '.join(METRICS)}"
                     for name in self.metrics if name not in METRICS]
-        if "clip_score" in self.metrics and not hasattr(backend, "encode_text"):
+        if "clip_score" in self.metrics and not backend.encodes_text:
             problems.append(f"metrics.metrics: clip_score needs caption embeddings, which "
-                            f"metrics.backend={backend.name} has not: use metrics.backend=clip")
+                            f"metrics.backend={backend.name} has not: use metrics.backend=clip (or shapes)")
         if "accuracy" in self.metrics and not hasattr(backend, "classify"):
             problems.append(f"metrics.metrics: accuracy needs a classifier, which metrics.backend={backend.name} has "
                             "not: use the data set's own backend (digits, shapes)")
@@ -95,7 +95,7 @@ class MetricSuite(nn.Module):
         if real:
             return
         if self.clip_score is not None and captions is not None:
-            self.clip_score.update(features, self.backend.encode_text(captions))
+            self.clip_score.update(*self.backend.text_alignment(images, features, captions))
         if self.accuracy is not None:
             targets = self.backend.targets(labels=labels, captions=captions)
             if targets is not None:
@@ -126,8 +126,9 @@ class MetricSuite(nn.Module):
             out.update({self.metric_name(name): scores[name] for name in names})
             self._counts["knn_real"], self._counts["knn_fake"] = len(real), len(fake)
         if self.clip_score is not None:
-            out["clip_score"] = float(self.clip_score.compute())
-            if out["clip_score"] != out["clip_score"]:  # NaN: no rank had a caption
+            name = "clip_score" if self.backend.name == "clip" else self.metric_name("clip_score")
+            out[name] = float(self.clip_score.compute())
+            if out[name] != out[name]:  # NaN: no rank had a caption
                 raise UserError("clip_score needs the caption each generated image was made from: "
                                 "pass captions to update()")
         if self.accuracy is not None:
