@@ -125,3 +125,21 @@ def test_callback_overhead_counts_the_evaluation_it_adds():
     extra_flops = {n: row["project"]["flops"] - row["reference"]["flops"] for n, row in rows.items()}
     assert extra_flops[8] > 0
     assert extra_flops[16] == pytest.approx(2 * extra_flops[8], rel=0.05)
+
+
+def test_flops_are_counted_before_a_member_is_prepared():
+    """Compiled kernels bypass the FLOP counter: `prepare` (switching compile on) must come after the count."""
+    from ldm.bench.measure import Comparison, Member, measure
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    state = {"prepared": 0, "counted_eager": None}
+
+    def step():
+        if state["counted_eager"] is None:
+            state["counted_eager"] = state["prepared"] == 0
+        return a @ b
+
+    member = Member("m", step, prepare=lambda: state.__setitem__("prepared", state["prepared"] + 1))
+    [row] = measure(Comparison("g", "n", 1, [member], rows=[(0, None)]), ["fp32"], 1, 0, CPU, {"fp32": 1e9})
+    assert state == {"prepared": 1, "counted_eager": True}
+    assert row["project"]["flops"] == 2 * 64**3

@@ -121,6 +121,24 @@ def test_real_split_scores_like_its_sample_file(trained_run, tmp_path):
     assert real["provenance"]["real"] == "val" and real["provenance"]["n"] == 40
 
 
+def test_reconstructed_real_split_scores_like_a_file_of_the_autoencoders_reconstructions(trained_run, tmp_path):
+    from ldm.sampling import load_run
+
+    _, module = load_run(trained_run)
+    val = DigitsDataset("val")
+    images = torch.stack([val[i]["image"] for i in range(40)])
+    with torch.no_grad():
+        rebuilt = module.autoencoder.decode(module.autoencoder.encode(images, sample=False)).clamp(-1, 1)
+    samples = tmp_path / "rebuilt.npz"
+    np.savez(samples, images=to_uint8(rebuilt), labels=val.labels[:40].numpy())
+    from_file = evaluation(tmp_path, "file", f"samples={samples}", f"run={trained_run}")
+    through = evaluation(tmp_path, "through", f"run={trained_run}", "real=val", "reconstruct=true")
+    plain = evaluation(tmp_path, "plain", f"run={trained_run}", "real=val")
+    assert through["metrics"] == pytest.approx(from_file["metrics"], rel=1e-6)
+    assert through["metrics"]["fd_digits"] > plain["metrics"]["fd_digits"]
+    assert through["provenance"]["reconstructed"] and not plain["provenance"]["reconstructed"]
+
+
 def test_untrained_weights_score_worse_than_the_trained_run(trained_run, tmp_path):
     trained = evaluation(tmp_path, "trained", f"run={trained_run}")["metrics"]
     untrained = evaluation(tmp_path, "init", f"run={trained_run}", "checkpoint=init")["metrics"]

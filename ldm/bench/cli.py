@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dit", nargs="+", choices=denoisers.DIT_SIZES, default=["dit_s", "dit_b"],
                    help="DiT sizes (patch 2, 32x32x4 latents)")
     p.add_argument("--unet-channels", type=int, default=64, help="the SD 1.x UNet's base width (320 in SD)")
+    p.add_argument("--compile", action="store_true",
+                   help="the project's denoisers torch.compiled per block, as model.compile=true (diffusers eager)")
     p.add_argument("--nfe", type=int, default=9, help="network calls per sampling run")
     p.add_argument("--peak-size", type=int, default=None, help="matmul size of the peak (2048 CPU, 8192 CUDA)")
     p.add_argument("--peak-repeats", type=int, default=5, help="runs of the peak matmul; the best counts")
@@ -79,8 +81,8 @@ def comparisons(group: str, args: argparse.Namespace, device: torch.device, skip
     """A group's comparisons, each built only when the previous one is measured and released."""
     if group == "denoisers":
         for size in args.dit:
-            yield denoisers.dit_pair(size, batch(args, size), device)
-        yield denoisers.unet_pair(batch(args, "unet"), device, channels=args.unet_channels)
+            yield denoisers.dit_pair(size, batch(args, size), device, compile=args.compile)
+        yield denoisers.unet_pair(batch(args, "unet"), device, channels=args.unet_channels, compile=args.compile)
     elif group == "autoencoders":
         reason = autoencoders.available()
         if reason is None:

@@ -43,7 +43,7 @@ def project_time(t: torch.Tensor, cfg) -> torch.Tensor:
 
 
 def dit_pair(name: str, batch_size: int, device: torch.device, latent_size: int = 32, patch_size: int = 2,
-             **overrides) -> Comparison:
+             compile: bool = False, **overrides) -> Comparison:  # noqa: A002 - as model.compile
     """conf/model/<name> (DiT) with a class-embedding lookup against diffusers' DiTTransformer2DModel.
 
     No learned sigma on either side: 4 output channels on both (the published DiT's 8 would add the
@@ -78,8 +78,9 @@ def dit_pair(name: str, batch_size: int, device: torch.device, latent_size: int 
     return Comparison(
         group="denoisers", name=f"{name}/{patch_size} train step {latent_size}x{latent_size}x{LATENT_CHANNELS}",
         batch_size=batch_size,
-        members=[Member("ldm DiT", train_step([model, embedder], project_forward, target),
-                        parameter_count(model, embedder)),
+        members=[Member("ldm DiT" + (" compiled" if compile else ""),
+                        train_step([model, embedder], project_forward, target), parameter_count(model, embedder),
+                        prepare=(lambda: setattr(model, "compile_blocks", True)) if compile else None),
                  Member("diffusers DiTTransformer2DModel", train_step([reference], reference_forward, target),
                         parameter_count(reference))],
         note=f"{NUM_CLASSES} classes: the project's step includes the ClassEmbedder lookup; no learned sigma "
@@ -88,7 +89,7 @@ def dit_pair(name: str, batch_size: int, device: torch.device, latent_size: int 
 
 
 def unet_pair(batch_size: int, device: torch.device, channels: int = 64, latent_size: int = 32,
-              **overrides) -> Comparison:
+              compile: bool = False, **overrides) -> Comparison:  # noqa: A002 - as model.compile
     """conf/model/unet_sd (the SD 1.x layout) at width `channels` against diffusers' UNet2DConditionModel."""
     from diffusers import UNet2DConditionModel
 
@@ -125,7 +126,9 @@ def unet_pair(batch_size: int, device: torch.device, channels: int = 64, latent_
     return Comparison(
         group="denoisers", name=f"unet_sd {widths} train step {latent_size}x{latent_size}x{LATENT_CHANNELS}",
         batch_size=batch_size,
-        members=[Member("ldm UNet", train_step([model], project_forward, target), parameter_count(model)),
+        members=[Member("ldm UNet" + (" compiled" if compile else ""), train_step([model], project_forward, target),
+                        parameter_count(model),
+                        prepare=(lambda: setattr(model, "compile_layers", True)) if compile else None),
                  Member("diffusers UNet2DConditionModel", train_step([reference], reference_forward, target),
                         parameter_count(reference))],
         note=f"cross-attention to {TEXT_TOKENS} tokens of width {TEXT_WIDTH} (random, as from a cached text "

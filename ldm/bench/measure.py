@@ -19,6 +19,7 @@ class Member:
     label: str
     step: Callable[[], object]
     params: int | None = None
+    prepare: Callable[[], object] | None = None  # after the FLOP count, before timing (e.g. switch on compile)
 
 
 @dataclass
@@ -49,6 +50,9 @@ def measure(comparison: Comparison, precisions: list[str], steps: int, warmup: i
     """Count each member's FLOPs once, then alternate the members at each precision; one dict per row."""
     # counting runs a whole step, so it is one more warm-up too; FLOPs do not depend on the precision
     flops = [count_flops(member.step) for member in comparison.members]
+    for member in comparison.members:  # compiled kernels bypass the FLOP counter: count eager, then compile
+        if member.prepare is not None:
+            member.prepare()
     images = comparison.images or comparison.batch_size
     results = []
     for precision in precisions:

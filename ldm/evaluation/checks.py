@@ -20,6 +20,8 @@ def evaluation_problems(cfg: DictConfig) -> list[str]:
     for key, allowed in (("reference", SPLITS), ("real", (None, *SPLITS))):
         if found.value(key) not in allowed:
             found.add(f"{key}={found.value(key)}: choose one of {', '.join(map(str, allowed))}")
+    if found.value("reconstruct") not in (False, None) and found.value("real") is None:
+        found.add("reconstruct=true scores reconstructions of real images: give the split too, e.g. real=val")
     if found.value("devices") != "auto":
         found.integer("devices", minimum=1, hint="e.g. devices=2, or auto")
     samples = found.value("samples")

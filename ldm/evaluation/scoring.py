@@ -101,14 +101,20 @@ def score_real(cfg: DictConfig) -> dict[str, float]:
     dataset = reference_dataset(run_cfg.data, cfg.real)
     count = min(cfg.n, len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=cfg.batch_size)
+    # a latent model can do no better than its autoencoder: its reconstructions of real images are its floor
+    autoencoder = build_model(cfg, run_cfg)[0].autoencoder if cfg.get("reconstruct") else None
     shown = []
     for batch in loader:
-        suite.update(batch["image"], real=False, labels=batch.get(LABEL) if LABEL in keys else None,
+        images = batch["image"]
+        if autoencoder is not None:
+            with torch.no_grad():
+                images = autoencoder.decode(autoencoder.encode(images, sample=False)).clamp(-1, 1)
+        suite.update(images, real=False, labels=batch.get(LABEL) if LABEL in keys else None,
                      captions=batch.get(CAPTION) if CAPTION in keys else None)
-        shown.append(to_uint8(batch["image"][: cfg.keep - sum(map(len, shown))]))
+        shown.append(to_uint8(images[: cfg.keep - sum(map(len, shown))]))
     scores = suite.compute()
-    provenance = {**suite.provenance(), "real": cfg.real, "n": count, "reference_split": cfg.reference,
-                  **_source(cfg, run_cfg)}
+    provenance = {**suite.provenance(), "real": cfg.real, "reconstructed": autoencoder is not None, "n": count,
+                  "reference_split": cfg.reference, **_source(cfg, run_cfg)}
     finish(cfg, run_cfg, scores, provenance, np.concatenate(shown), None, per_row=run_cfg.data.get("num_classes"))
     return scores
 

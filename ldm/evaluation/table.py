@@ -39,7 +39,7 @@ def collect(directory: str | Path) -> list[dict]:
 def label(settings: dict) -> str:
     """What a row measured: a sampler, real images (the floor), a sample file or untrained weights."""
     if settings.get("real"):
-        return f"real {settings['real']}"
+        return f"real {settings['real']}" + (" through the autoencoder" if settings.get("reconstructed") else "")
     if settings.get("samples"):
         return Path(settings["samples"]).name
     name = settings.get("sampler_name") or settings.get("sampler") or "?"
