@@ -81,3 +81,23 @@ def _save_config(cfg: DictConfig, out: Path) -> None:
 
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy CPU waiting for it costs far more than
+    the work; restored for the other test files. A module opts in with pytestmark = usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturb(model, scale=0.05, seed=1):
+    """Move every parameter off its initial value, so that no zero-initialized layer hides a wrong key."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model
+

@@ -4,7 +4,7 @@
 import hydra
 import pytest
 import torch
-from conftest import CONF, compose_config
+from conftest import CONF, compose_config, perturb
 from omegaconf import OmegaConf
 
 from ldm.conditioners.class_embedder import ClassEmbedder
@@ -15,14 +15,7 @@ MODEL_CONF = CONF / "model"
 BATCH, SIZE, CHANNELS, VECTOR, CONTEXT, CONCAT, TOKENS = 2, 8, 4, 6, 5, 3, 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy CPU waiting for it costs far
-    more than the work; the setting is restored for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose(name: str, image_size=32, downsample=4, latent_channels=4, vector_dim=None, context_dim=None,
@@ -76,13 +69,6 @@ def inputs(model, seed=0):
     return x, t, Conditioning(**{k: v for k, v in fields.items() if k in model.consumes})
 
 
-@torch.no_grad()
-def perturb(model, scale=0.05, seed=1):
-    """Move every parameter off its initial value (zero-initialized layers included)."""
-    g = torch.Generator().manual_seed(seed)
-    for parameter in model.parameters():
-        parameter.add_(scale * torch.randn(parameter.shape, generator=g))
-    return model
 
 
 # ---------------------------------------------------------------- published sizes, from the presets

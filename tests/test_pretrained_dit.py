@@ -7,7 +7,7 @@ import json
 import hydra
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, perturb
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from hydra.errors import InstantiationException
@@ -26,21 +26,9 @@ TINY = [f"model.hidden_size={HIDDEN}", f"model.depth={DEPTH}", f"model.num_heads
         "model.pos_embed_layout=col_sin_cos", "schedule=ddpm", "schedule.time_input=level", "sampler=euler"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter moved off its initial value, so no zero-initialized layer hides a wrong key."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 def reference_dit(num_classes: int = CLASSES, seed: int = 0) -> DiTTransformer2DModel:
@@ -49,7 +37,7 @@ def reference_dit(num_classes: int = CLASSES, seed: int = 0) -> DiTTransformer2D
     model = DiTTransformer2DModel(num_attention_heads=HEADS, attention_head_dim=HIDDEN // HEADS, in_channels=CHANNELS,
                                   out_channels=2 * CHANNELS, num_layers=DEPTH, sample_size=SIZE, patch_size=PATCH,
                                   num_embeds_ada_norm=num_classes)
-    perturb(model, seed)
+    perturb(model, scale=0.1, seed=seed)
     with torch.no_grad():
         first = model.transformer_blocks[0].norm1.emb
         for block in model.transformer_blocks[1:]:
@@ -167,8 +155,9 @@ def test_class_table_shape_and_embedder_copies_are_checked(files, tmp_path):
 def test_to_diffusers_gives_identical_outputs(files, tmp_path):
     cfg = compose_config(TINY + ["conditioner=imagenet", f"conditioner.embedders.0.num_classes={CLASSES}",
                                  "model.time_frequency_shift=1"])
-    dit, conditioner = perturb(hydra.utils.instantiate(cfg.model), 3), hydra.utils.instantiate(cfg.conditioner)
-    perturb(conditioner, 4)
+    dit = perturb(hydra.utils.instantiate(cfg.model), scale=0.1, seed=3)
+    conditioner = hydra.utils.instantiate(cfg.conditioner)
+    perturb(conditioner, scale=0.1, seed=4)
     to_diffusers(dit, conditioner.embedders[0], tmp_path / "export")
     assert json.loads((tmp_path / "export" / "config.json").read_text())["out_channels"] == 2 * CHANNELS
     exported = DiTTransformer2DModel.from_pretrained(tmp_path / "export").eval()

@@ -48,12 +48,7 @@ RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
-@pytest.fixture(autouse=True)
-def few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(config: dict, seed: int = 0) -> UNet2DConditionModel:

@@ -37,13 +37,7 @@ MEAN_TOL = 0.05
 COV_TOL = {"deterministic": 0.12, "stochastic": 0.25}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: threads only add overhead, and the machine is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_exact_posterior_means():

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, run_script, train_run
+from conftest import compose_config, perturb, run_script, train_run
 from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
@@ -28,12 +28,6 @@ SIZES = [  # the project's config of the tiny directory below
 ]
 
 
-def perturbed(model, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.eval()
 
 
 def sd_directory(root):
@@ -50,9 +44,9 @@ def sd_directory(root):
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=CONTEXT, intermediate_size=4 * CONTEXT, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu"))
-    perturbed(vae, 1).save_pretrained(root / "vae")
-    perturbed(unet, 2).save_pretrained(root / "unet")
-    perturbed(text, 3).save_pretrained(root / "text_encoder")
+    perturb(vae, seed=1).eval().save_pretrained(root / "vae")
+    perturb(unet, seed=2).eval().save_pretrained(root / "unet")
+    perturb(text, seed=3).eval().save_pretrained(root / "text_encoder")
     return unet
 
 

@@ -9,7 +9,7 @@ import hydra
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from conftest import compose_config, perturb
 from torch import nn
 
 from ldm.conditioners.conditioning import Conditioning
@@ -21,22 +21,9 @@ from ldm.optim import parameter_groups, upgraded_optimizer_state
 WIDTH, HEADS, TOKENS, CONTEXT, KEYS = 32, 4, 10, 12, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread on a busy CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def perturb(model, scale=0.05, seed=1):
-    """Move every parameter off its initial value (zero-initialized layers included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=g))
-    return model
 
 
 def reference_mha(kdim=None, seed=0) -> nn.MultiheadAttention:
