@@ -46,10 +46,14 @@ def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | 
     """
     if precision != "auto":
         return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if on_gpu:
+    if uses_gpu(accelerator):
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     return "bf16-mixed" if accelerator in ("cpu", "auto") and cpu_has_bf16_units() else "32-true"
+
+
+def uses_gpu(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` setting runs on CUDA GPUs here (auto: when there are any)."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def cpu_has_bf16_units() -> bool:

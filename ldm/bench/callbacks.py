@@ -16,6 +16,7 @@ import torch
 
 from ldm.bench.data import build_training
 from ldm.bench.flops import count_flops
+from ldm.bench.measure import Member, side
 from ldm.bench.timing import alternate, median
 
 
@@ -39,17 +40,13 @@ def sample_metrics_rows(precisions: list[str], steps: int, warmup: int, device: 
         for precision in precisions:
             times = alternate({"train": train_step, "metrics": evaluate}, steps, warmup, device, precision)
             step_s, metrics_s = median(times["train"]), median(times["metrics"])
-            sides = {
-                "project": (label, interval * step_s + metrics_s, interval * flops["train"] + flops["metrics"]),
-                "reference": (f"{interval} steps alone", interval * step_s, interval * flops["train"]),
-            }
-            row = {"group": "callbacks", "name": "default run: sample metrics at each validation",
-                   "precision": precision, "batch_size": batch, "steps": steps,
-                   "note": f"one validation's samples and scores per {interval} training steps",
-                   "ratio": sides["project"][1] / sides["reference"][1]}
-            for which, (name, seconds, work) in sides.items():
-                row[which] = {"label": name, "seconds": seconds, "images_per_s": interval * batch / seconds,
-                              "flops": work, "gflops_per_s": work / seconds / 1e9,
-                              "mfu": work / seconds / peaks[precision], "params": None}
-            rows.append(row)
+            project = side(Member(label, train_step), interval * step_s + metrics_s,
+                           interval * flops["train"] + flops["metrics"], interval * batch, peaks[precision])
+            reference = side(Member(f"{interval} steps alone", train_step), interval * step_s,
+                             interval * flops["train"], interval * batch, peaks[precision])
+            rows.append({"group": "callbacks", "name": "default run: sample metrics at each validation",
+                         "precision": precision, "batch_size": batch, "steps": steps,
+                         "note": f"one validation's samples and scores per {interval} training steps",
+                         "project": project, "reference": reference,
+                         "ratio": project["seconds"] / reference["seconds"]})
         return rows

@@ -39,7 +39,8 @@ def parameter_count(*modules: torch.nn.Module) -> int:
     return sum(p.numel() for module in modules for p in module.parameters())
 
 
-def _side(member: Member, seconds: float, flops: int, images: int, peak: float) -> dict:
+def side(member: Member, seconds: float, flops: int, images: int, peak: float) -> dict:
+    """One side of a result row: a member's time, throughput, FLOP rate and MFU."""
     achieved = flops / seconds
     return {"label": member.label, "seconds": seconds, "images_per_s": images / seconds, "flops": flops,
             "gflops_per_s": achieved / 1e9, "mfu": achieved / peak, "params": member.params}
@@ -60,7 +61,7 @@ def measure(comparison: Comparison, precisions: list[str], steps: int, warmup: i
                           precision)
         seconds = [median(times[str(i)]) for i in range(len(comparison.members))]
         for index, reference in comparison.rows:
-            sides = {which: _side(comparison.members[i], seconds[i], flops[i], images, peaks[precision])
+            sides = {which: side(comparison.members[i], seconds[i], flops[i], images, peaks[precision])
                      for which, i in (("project", index), ("reference", reference)) if i is not None}
             results.append({
                 "group": comparison.group, "name": comparison.name, "precision": precision,

@@ -59,11 +59,12 @@ def device_count(cfg: DictConfig) -> int:
     """How many devices the predict loop would use (devices=auto: every visible GPU, else one)."""
     import torch
 
-    devices, accelerator = cfg.get("devices"), str(cfg.get("accelerator"))
+    from ldm.build import uses_gpu
+
+    devices = cfg.get("devices")
     if devices != "auto":
         return devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | tuple) else 1
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return max(torch.cuda.device_count(), 1) if on_gpu else 1
+    return max(torch.cuda.device_count(), 1) if uses_gpu(str(cfg.get("accelerator"))) else 1
 
 
 class CheckEvaluationConfig(CheckConfig):

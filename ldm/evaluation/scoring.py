@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.errors import ConfigError
 from ldm.evaluation.draw import CAPTION, LABEL, Conditions, SamplingSettings
 from ldm.evaluation.predict import SampleEvaluation
 from ldm.evaluation.record import log_wandb, training_group, write_metrics
@@ -31,9 +30,6 @@ def score_run(cfg: DictConfig) -> dict[str, float]:
     """Samples of the run (or preset) with its EMA weights, through `trainer.predict` on `cfg.devices`."""
     from ldm.sampling import sampling_config
 
-    if cfg.devices not in (1, "1") and _in_multirun():
-        raise ConfigError([f"devices={cfg.devices}: the jobs of `evaluate.py -m` run on one device each; run a "
-                           "single job on several devices, or the sweep with devices=1"])
     run_cfg = sampling_config(cfg)
     module, checkpoint = build_model(cfg, run_cfg)
     settings = sampling_settings(cfg, module)
@@ -195,13 +191,6 @@ def _hydra():
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def _in_multirun() -> bool:
-    from hydra.types import RunMode
-
-    hydra_cfg = _hydra()
-    return hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
 
 
 def _sampler_name(sampler) -> str:
