@@ -15,11 +15,12 @@ from test_samplers import (
     SAMPLERS,
     STEPS,
     assert_reproduces_gaussian,
-    one_thread,  # noqa: F401  (its autouse fixture: one thread for small tensors)
     run,
 )
 
 from ldm.schedules import LogitNormal, MinSNRWeight, Parameterization
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SqrtVP(Parameterization):
