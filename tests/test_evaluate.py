@@ -248,3 +248,26 @@ def test_file_of_unknown_content_is_refused(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 32, 32, 1), np.uint8))
     with pytest.raises(ValueError, match="neither `prompts` nor `labels`"):
         evaluate_file(str(tmp_path / "x.npz"))
+
+
+def test_quality_curves_go_log_scale_when_values_span_more_than_20x():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ldm.evaluation.table import plot_quality_vs_nfe
+
+    def rows(*values):
+        return [{"label": "euler", "nfe": 10 * (i + 1), "fd_digits": v} for i, v in enumerate(values)]
+
+    assert plot_quality_vs_nfe(rows(0.3, 0.25, 0.24), "fd_digits").get_yscale() == "linear"
+    assert plot_quality_vs_nfe(rows(13.8, 0.25, 0.24), "fd_digits").get_yscale() == "log"
+
+
+def test_reconstruct_without_a_real_split_is_refused(trained_run, tmp_path):
+    from ldm.evaluation.checks import evaluation_problems
+
+    cfg = compose_config([f"run={trained_run}", "reconstruct=true"], tmp_path / "x", name="evaluate")
+    assert any(line.startswith("reconstruct=true scores reconstructions") and "real=val" in line
+               for line in evaluation_problems(cfg))
+    cfg = compose_config([f"run={trained_run}", "reconstruct=true", "real=val"], tmp_path / "x", name="evaluate")
+    assert evaluation_problems(cfg) == []

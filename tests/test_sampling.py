@@ -53,6 +53,25 @@ def test_the_sampler_argument_is_used(trained_run, tmp_path):
     assert np.abs(to_uint8(images).astype(int) - heun.astype(int)).max() <= 1
 
 
+def test_guidance_defaults_to_the_runs_sample_guidance(trained_run, tmp_path):
+    """As evaluate.py: without guidance=, sample.py guides like the run's own sample grids."""
+    import torch
+
+    from ldm.images import to_uint8
+    from ldm.sampling import load_run
+
+    out = tmp_path / "default.npz"
+    run_script("sample.py", f"run={trained_run}", "n=4", "steps=3", "labels=[2]", f"out={out}")
+    drawn = np.load(out)["images"].astype(int)
+    _, module = load_run(trained_run)
+    assert module.sample_guidance != 1.0
+    made = {scale: to_uint8(module.sample({"label": torch.full((4,), 2)}, 4, steps=3, guidance=scale,
+                                          generator=torch.Generator().manual_seed(0))).astype(int)
+            for scale in (module.sample_guidance, 1.0)}
+    assert np.abs(made[module.sample_guidance] - drawn).max() <= 1
+    assert np.abs(made[1.0] - drawn).max() > 1
+
+
 # ---- the arguments are checked before the model is built -----------------------------------------
 
 def _sample_in_process(trained_run, tmp_path, monkeypatch, *overrides):
