@@ -21,7 +21,7 @@ from ldm.fingerprint import module_fingerprint
 from ldm.models import check_conditioning
 from ldm.models.layers import fuse_attention_keys
 from ldm.noise import randn
-from ldm.optim import parameter_groups, upgraded_optimizer_state
+from ldm.optim import clip_gradients, make_optimizer, parameter_groups, upgraded_optimizer_state
 from ldm.samplers.guidance import classifier_free_guidance
 
 VAL_SEED = 12345
@@ -137,11 +137,14 @@ class LatentDiffusion(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer = self.make_optimizer(parameter_groups(self))
+        optimizer = make_optimizer(self.make_optimizer, parameter_groups(self), self._trainer)
         if self.make_lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer),
                                                          "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoints: trained weights only; frozen parts are rebuilt and checked by hash ------------
     def frozen_parts(self) -> dict[str, nn.Module]:

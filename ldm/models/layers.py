@@ -113,6 +113,19 @@ def broadcast_time(t: torch.Tensor | float, batch_size: int, device) -> torch.Te
     return t
 
 
+def in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype autocast computes in on its device (unchanged outside autocast).
+
+    A residual stream kept in this dtype is added to each branch's output as it comes (autocast's matmuls
+    return that dtype) instead of being cast down before and up after every layer: a float32 stream under bf16
+    autocast costs a DiT-S/2 train step ~150 activation-sized casts and made it ~10% slower on the CPU.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (B, N, D) scaled and shifted per sample by (B, 1, D) modulations, x * (1 + scale) + shift."""
     return torch.addcmul(shift, x, 1 + scale)  # one pass over x, where `*` then `+` take two
