@@ -32,7 +32,9 @@ def parser() -> argparse.ArgumentParser:
         "Step times of the project against the reference implementations, alternated step by step in one "
         "process and reported as ratios, with FLOPs and MFU against the measured matmul peak."))
     p.add_argument("--steps", type=int, default=5, help="timed steps per member and precision (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before them (the FLOP count is one more)")
+    # train steps settle over the first few rounds (allocator, caches) on both sides of a pair: 1 left DiT-B's
+    # ratio swinging between 0.8 and 1.15 from run to run
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds before them (the FLOP count is one more)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"one batch size for every pair; default per pair: {BATCH_SIZES}")
     p.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"],
