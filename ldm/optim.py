@@ -27,7 +27,7 @@ def parameter_groups(module: nn.Module) -> list[dict]:
 def make_optimizer(factory, groups: list[dict], trainer=None) -> torch.optim.Optimizer:
     """`factory(groups)`, the optimizer config's partial; where the config leaves the implementation open
     (`fused` and `foreach` both null) and every parameter's device has a fused kernel, the fused one: the same
-    update in one pass per tensor, ~3.5x faster than torch's default loop over tensors on this project's CPU.
+    update in one pass per tensor, ~3x faster than torch's default loop over tensors on a CPU.
 
     Not under fp16 autocast with gradient clipping: Lightning clips before its loss-scale unscaling, which a
     fused step does itself, and refuses the pair (bf16 has no loss scale; see `clip_gradients`)."""
