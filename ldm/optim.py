@@ -54,7 +54,7 @@ def clip_gradients(module, optimizer: torch.optim.Optimizer, value: float | None
     from lightning.pytorch.utilities import GradClipAlgorithmType
 
     plugin = module.trainer.precision_plugin
-    if value and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+    if value and isinstance(plugin, MixedPrecision) and not _scales_loss(module.trainer):
         super(MixedPrecision, plugin).clip_gradients(optimizer, value, GradClipAlgorithmType(algorithm or "norm"))
         return
     module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)

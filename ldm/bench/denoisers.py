@@ -166,7 +166,7 @@ def optimizer_comparison(name: str, device: torch.device) -> Comparison:
     fused = bool(optimizers[0].defaults.get("fused"))
     return Comparison(
         group="denoisers", name=f"AdamW update of {name}/2's parameters", batch_size=1,
-        members=[Member("ldm AdamW" + (" (fused)" if fused else ""), update(0), sum(p.numel() for p in parameters)),
-                 Member("torch AdamW default", update(1), sum(p.numel() for p in parameters))],
+        members=[Member("ldm AdamW" + (" (fused)" if fused else ""), update(0), parameter_count(model)),
+                 Member("torch AdamW default", update(1), parameter_count(model))],
         note="the optimizer alone (the denoiser rows give both sides the project's): what a training script "
              "that builds torch.optim.AdamW with its defaults, as diffusers' do, spends on it")
