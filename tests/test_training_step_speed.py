@@ -1,5 +1,6 @@
 """The training step's speed choices: the fused AdamW kernel by default (and gradient clipping with it under bf16,
-which Lightning refuses), denormals flushed while training, the DiT's residual stream in autocast's dtype."""
+which Lightning refuses), denormals flushed while training, the DiT's residual stream in autocast's dtype, token
+streams that are token-major in memory."""
 
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from ldm.conditioners.conditioning import Conditioning
-from ldm.models import DiT
+from ldm.models import DiT, UNet
 from ldm.optim import clip_gradients, make_optimizer, parameter_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,3 +116,20 @@ def test_the_dit_residual_stream_is_in_the_autocast_dtype():
         model(x, t, cond).float().square().mean().backward()
     assert seen == [(torch.bfloat16, torch.bfloat16)] * 2  # no cast down before and up after each block
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("builder", ["dit", "unet", "unet_linear_projection"])
+def test_every_layer_norm_of_the_token_blocks_reads_token_major_memory(builder):
+    # elementwise ops keep their input's memory layout: a channels-first view of the tokens (as a convolution
+    # writes them) would pass down the whole residual stream, and every layer norm and linear layer would copy it
+    model = tiny_dit() if builder == "dit" else UNet(
+        in_channels=4, channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1, 2],
+        num_heads=2, context_dim=16, input_size=8, use_linear_projection=builder == "unet_linear_projection")
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) >= 4
+    layouts = []
+    for norm in norms:
+        norm.register_forward_pre_hook(lambda module, inputs: layouts.append(inputs[0].is_contiguous()))
+    cond = Conditioning(vector=torch.randn(2, 10)) if builder == "dit" else Conditioning(tokens=torch.randn(2, 3, 16))
+    model(torch.randn(2, 4, 8, 8), torch.rand(2), cond)
+    assert layouts == [True] * len(norms)

@@ -178,8 +178,11 @@ class DiT(nn.Module):
                              f"(model.input_size), got {x.shape[-2]}x{x.shape[-1]}")
         if self.concat_channels:
             x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)
-        # the residual stream in autocast's dtype, as the blocks' outputs (see in_autocast_dtype)
-        tokens = in_autocast_dtype(rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed)
+        # the residual stream in autocast's dtype, as the blocks' outputs (see in_autocast_dtype), and
+        # token-major in memory: the convolution writes channels first, and elementwise ops keep their
+        # input's layout, so without the copy every layer norm and linear layer of every block made one
+        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d").contiguous()
+        tokens = in_autocast_dtype(tokens + self.pos_embed)
 
         if self.compile_blocks:
             compile_each(self.blocks, x.device)

@@ -121,7 +121,9 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             h = self.proj_in(rearrange(self.norm(x), to_tokens))
         else:
-            h = rearrange(self.proj_in(self.norm(x)), to_tokens)
+            # token-major memory: elementwise ops keep their input's layout, so a channels-first view would make
+            # every layer norm and linear layer of the blocks copy it
+            h = rearrange(self.proj_in(self.norm(x)), to_tokens).contiguous()
         for block in self.blocks:
             h = block(h, context, mask)
         if self.linear_projection:
