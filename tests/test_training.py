@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, compose_config, run_script
 
 from ldm.training import train
@@ -66,8 +67,13 @@ def test_multirun_makes_two_run_directories(tmp_path):
 def test_autoencoder_stage_trains_and_exports(tmp_path):
     from ldm.autoencoders.kl import KLAutoencoder
 
+    # bf16 with clipping: the fused AdamW, which Lightning's mixed-precision plugin would refuse to clip
     train(compose_config(["experiment=vae_digits", "logger=none", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                          "data.batch_size=16", "trainer.accelerator=cpu"], tmp_path))
+                          "data.batch_size=16", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed",
+                          "trainer.gradient_clip_val=1.0"], tmp_path))
     assert list((tmp_path / "samples").glob("recon_*.png"))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert [group["fused"] for group in checkpoint["optimizer_states"][0]["param_groups"]] == [True]
     exported = KLAutoencoder(channels=16, channel_mult=[1, 2], weights=str(tmp_path / "autoencoder.safetensors"))
     assert exported.latent_shape(32) == (4, 8, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from ldm.autoencoders.base import sample_posterior
 from ldm.autoencoders.kl import KLAutoencoder
+from ldm.optim import clip_gradients, make_optimizer
 
 
 class AutoencoderTraining(L.LightningModule):
@@ -45,7 +47,12 @@ class AutoencoderTraining(L.LightningModule):
         return self.autoencoder.decode(self.autoencoder.encode(images, sample=False))
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.autoencoder.parameters(), lr=self.lr, weight_decay=0.0)
+        # the fused kernel where the device has one, as the diffusion task's (see make_optimizer)
+        factory = partial(torch.optim.AdamW, lr=self.lr, weight_decay=0.0, fused=None, foreach=None)
+        return make_optimizer(factory, [{"params": list(self.autoencoder.parameters())}], self._trainer)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def export(self, run_dir: Path) -> list[Path]:
         """Save the weights as safetensors in the run directory (and to `export_path`, if set)."""

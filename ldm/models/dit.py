@@ -71,10 +71,10 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)
-        x = x + gate_attn * self.attn(modulate(self.norm1(x), shift_attn, scale_attn))
+        x = torch.addcmul(x, gate_attn, self.attn(modulate(self.norm1(x), shift_attn, scale_attn)))
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
