@@ -25,7 +25,7 @@ CHANGEABLE_ON_RESUME = (
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "data.num_workers",
     # speed settings: the same weights and optimizer state, computed faster
-    "model.compile", "model.channels_last", "optimizer.fused", "optimizer.foreach",
+    "model.compile", "model.channels_last", "autoencoder.channels_last", "optimizer.fused", "optimizer.foreach",
     "paths", "logger", "hydra",
 )
 _ABSENT = "(not set)"

@@ -252,12 +252,16 @@ def test_tiling_a_map_that_acts_on_each_place_alone_changes_nothing(name, fn):
 
 def test_slices_give_the_whole_batch_result(tmp_path):
     path = save_layout(reference_vae(), "diffusers_dir", tmp_path)
-    plain, slices = build("sd_vae", path), build("sd_vae", path, "autoencoder.slice_size=2")
+    nchw = "autoencoder.channels_last=false"  # torch's own NCHW kernels are batch-size-independent
+    plain, slices = build("sd_vae", path, nchw), build("sd_vae", path, nchw, "autoencoder.slice_size=2")
     images, latents = torch.rand(5, 3, 32, 32) * 2 - 1, torch.randn(5, 4, 16, 16)
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # batch-size-independent kernels
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         assert torch.equal(plain.encode(images, sample=False), slices.encode(images, sample=False))
         assert torch.equal(plain.decode(latents), slices.decode(latents))
+    plain, slices = build("sd_vae", path), build("sd_vae", path, "autoencoder.slice_size=2")
     with torch.no_grad():  # oneDNN picks kernels by batch size: equal to rounding
+        assert largest_relative_difference(slices.encode(images, sample=False),
+                                           plain.encode(images, sample=False)) < 1e-5
         assert largest_relative_difference(slices.decode(latents), plain.decode(latents)) < 1e-5
 
 
@@ -287,3 +291,21 @@ def test_full_size_sd_vae_matches_diffusers(tmp_path):
     encoded, decoded = compare(ours, reference, size=64)
     print(f"full-size SD VAE, 64x64: encode mean {encoded:.2e}, decode {decoded:.2e}")
     assert encoded <= TOLERANCE and decoded <= TOLERANCE
+
+
+def test_channels_last_runs_every_convolution_on_nhwc_maps_with_the_same_results(tmp_path):
+    path = save_layout(reference_vae(), "diffusers_dir", tmp_path)
+    nhwc, nchw = build("sd_vae", path), build("sd_vae", path, "autoencoder.channels_last=false")
+    convolutions = [m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    layouts = []
+    for conv in convolutions:
+        conv.register_forward_pre_hook(
+            lambda module, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    images, latents = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        encoded, decoded = nhwc.encode(images, sample=False), nhwc.decode(latents)
+        assert len(layouts) == len(convolutions) and all(layouts)
+        # the default layout, as the latent cache and image files take them (the mean is a channel slice)
+        assert encoded.stride()[1:] == (16 * 16, 16, 1) and decoded.is_contiguous()
+        assert largest_relative_difference(encoded, nchw.encode(images, sample=False)) < 1e-5
+        assert largest_relative_difference(decoded, nchw.decode(latents)) < 1e-5
