@@ -143,3 +143,18 @@ def test_flops_are_counted_before_a_member_is_prepared():
     [row] = measure(Comparison("g", "n", 1, [member], rows=[(0, None)]), ["fp32"], 1, 0, CPU, {"fp32": 1e9})
     assert state == {"prepared": 1, "counted_eager": True}
     assert row["project"]["flops"] == 2 * 64**3
+
+
+def test_each_bf16_step_casts_the_weights_it_has_now():
+    """Autocast caches its casts of leaf weights until its outermost context exits: one context across steps
+    would skip the casts that training (a context per step) pays, and compute with stale weights."""
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    seen = []
+
+    def step():
+        seen.append((torch.ones(1, 4) @ weight).float().sum().item())
+        with torch.no_grad():
+            weight.add_(1.0)  # the optimizer's in-place update
+
+    alternate({"a": step}, steps=2, warmup=1, device=CPU, precision="bf16")
+    assert seen == [16.0, 32.0, 48.0]

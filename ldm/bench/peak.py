@@ -6,6 +6,10 @@ import torch
 
 from ldm.bench.timing import PRECISIONS, timed
 
+# calls before timing: one was not enough on a CPU with AMX, whose first bf16 matmuls of a process ran at
+# 60-75% of the rate reached after a few more (the peak read 2.0-2.5 TFLOP/s measured first, 3.2 after fp32's)
+WARMUP_CALLS = 10
+
 
 def peak_shapes(size: int) -> list[tuple[int, int, int]]:
     """(m, k, n) of the matmuls tried: a square one, and a transformer layer's (2 * size tokens of width
@@ -20,7 +24,8 @@ def shape_flops(m: int, k: int, n: int, precision: str, device: torch.device, re
     a = torch.randn(m, k, generator=generator).to(device=device, dtype=PRECISIONS[precision])
     b = torch.randn(k, n, generator=generator).to(device=device, dtype=PRECISIONS[precision])
     out = torch.empty(m, n, device=device, dtype=a.dtype)
-    torch.mm(a, b, out=out)  # warm-up: threads, kernels, the allocator
+    for _ in range(WARMUP_CALLS):  # threads, kernels, the allocator, and the matrix units' clock
+        torch.mm(a, b, out=out)
     return 2 * m * k * n / min(timed(lambda: torch.mm(a, b, out=out), device) for _ in range(repeats))
 
 

@@ -46,12 +46,14 @@ def alternate(members: dict[str, Callable[[], object]], steps: int, warmup: int,
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     times: dict[str, list[float]] = {label: [] for label in members}
-    with precision_context(precision, device):
-        for round_index in range(warmup + steps):
-            for label, fn in members.items():
+    for round_index in range(warmup + steps):
+        for label, fn in members.items():
+            # a context per call, as training enters autocast per step: autocast caches its casts of the weights
+            # until the outermost context exits, so across steps it would skip the casts (and use stale ones)
+            with precision_context(precision, device):
                 elapsed = timed(fn, device)
-                if round_index >= warmup:  # the first rounds warm up allocators, caches and kernels
-                    times[label].append(elapsed)
+            if round_index >= warmup:  # the first rounds warm up allocators, caches and kernels
+                times[label].append(elapsed)
     return times
 
 
