@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ldm.bench import peak
 from ldm.bench.cli import main
 from ldm.bench.denoisers import dit_pair, unet_pair
 from ldm.bench.flops import count_flops
@@ -47,6 +48,13 @@ def test_cpu_attention_is_counted_like_explicit_matmuls():
 def test_peak_is_positive():
     for precision in ("fp32", "bf16"):
         assert matmul_peak(precision, CPU, size=128, repeats=2) > 0
+
+
+def test_peak_is_the_fastest_shape_a_square_or_a_transformer_layer(monkeypatch):
+    assert peak.peak_shapes(2048) == [(2048, 2048, 2048), (4096, 384, 1536)]
+    rates = {(2048, 2048, 2048): 2.3e12, (4096, 384, 1536): 3.3e12}
+    monkeypatch.setattr(peak, "shape_flops", lambda m, k, n, precision, device, repeats: rates[(m, k, n)])
+    assert matmul_peak("bf16", CPU) == 3.3e12
 
 
 def test_members_alternate_and_warmup_is_dropped():

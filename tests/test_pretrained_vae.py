@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from hydra.errors import InstantiationException
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.autoencoders.sd_vae import SDAutoencoder
 from ldm.autoencoders.tiling import tiled
@@ -293,19 +294,33 @@ def test_full_size_sd_vae_matches_diffusers(tmp_path):
     assert encoded <= TOLERANCE and decoded <= TOLERANCE
 
 
-def test_channels_last_runs_every_convolution_on_nhwc_maps_with_the_same_results(tmp_path):
+class ConvolutionLayouts(TorchDispatchMode):
+    """Records, for every convolution that runs, whether its input is NHWC in memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.nhwc = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.nhwc.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        return func(*args, **(kwargs or {}))
+
+
+def test_channels_last_runs_every_convolution_on_nhwc_maps_on_the_cpu_with_the_same_results(tmp_path):
     path = save_layout(reference_vae(), "diffusers_dir", tmp_path)
-    nhwc, nchw = build("sd_vae", path), build("sd_vae", path, "autoencoder.channels_last=false")
-    convolutions = [m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
-    layouts = []
-    for conv in convolutions:
-        conv.register_forward_pre_hook(
-            lambda module, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    default, nchw = build("sd_vae", path), build("sd_vae", path, "autoencoder.channels_last=false")
     images, latents = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 16, 16)
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in default.modules())
     with torch.no_grad():
-        encoded, decoded = nhwc.encode(images, sample=False), nhwc.decode(latents)
-        assert len(layouts) == len(convolutions) and all(layouts)
-        # the default layout, as the latent cache and image files take them (the mean is a channel slice)
-        assert encoded.stride()[1:] == (16 * 16, 16, 1) and decoded.is_contiguous()
-        assert largest_relative_difference(encoded, nchw.encode(images, sample=False)) < 1e-5
-        assert largest_relative_difference(decoded, nchw.decode(latents)) < 1e-5
+        with ConvolutionLayouts() as layouts:
+            encoded, decoded = default.encode(images, sample=False), default.decode(latents)
+        assert len(layouts.nhwc) == convolutions and all(layouts.nhwc)
+        with ConvolutionLayouts() as layouts:
+            expected_encoded, expected_decoded = nchw.encode(images, sample=False), nchw.decode(latents)
+        assert not any(layouts.nhwc)
+    # the default layout, as the latent cache and image files take them (the mean is a channel slice)
+    assert encoded.stride()[1:] == (16 * 16, 16, 1) and decoded.is_contiguous()
+    assert largest_relative_difference(encoded, expected_encoded) < 1e-5
+    assert largest_relative_difference(decoded, expected_decoded) < 1e-5
+    assert all(p.is_contiguous() for p in default.parameters())  # weights save as they are
