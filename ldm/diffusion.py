@@ -21,7 +21,7 @@ from ldm.fingerprint import module_fingerprint
 from ldm.models import check_conditioning
 from ldm.models.layers import fuse_attention_keys
 from ldm.noise import randn
-from ldm.optim import clip_gradients, make_optimizer, parameter_groups, upgraded_optimizer_state
+from ldm.optim import FusedClipping, make_optimizer, parameter_groups, upgraded_optimizer_state
 from ldm.samplers.guidance import classifier_free_guidance
 
 VAL_SEED = 12345
@@ -32,7 +32,7 @@ def step_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-class LatentDiffusion(L.LightningModule):
+class LatentDiffusion(FusedClipping, L.LightningModule):
     def __init__(self, autoencoder: Autoencoder, conditioner: Conditioner, denoiser: nn.Module, schedule,
                  sampler, image_size: int, optimizer=None, lr_scheduler=None,
                  scale_factor: float | None = None, shift_factor: float | None = 0.0,
@@ -142,9 +142,6 @@ class LatentDiffusion(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer),
                                                          "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoints: trained weights only; frozen parts are rebuilt and checked by hash ------------
     def frozen_parts(self) -> dict[str, nn.Module]:

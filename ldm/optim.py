@@ -60,6 +60,14 @@ def clip_gradients(module, optimizer: torch.optim.Optimizer, value: float | None
     module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
 
 
+class FusedClipping:
+    """Mixin for a LightningModule: gradient clipping through `clip_gradients`, so that it works with the fused
+    optimizer that `make_optimizer` builds under bf16."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
 class Warmup:
     """LR multiplier: linear warmup over `warmup_steps`, then constant, or cosine down to `final_ratio`."""
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from ldm.autoencoders.base import sample_posterior
 from ldm.autoencoders.kl import KLAutoencoder
-from ldm.optim import clip_gradients, make_optimizer
+from ldm.optim import FusedClipping, make_optimizer
 
 
-class AutoencoderTraining(L.LightningModule):
+class AutoencoderTraining(FusedClipping, L.LightningModule):
     """L1 + MSE reconstruction plus `kl_weight` * KL(q(z|x) || N(0, I)), per latent element."""
 
     def __init__(self, autoencoder: KLAutoencoder, lr: float = 1e-3, kl_weight: float = 1e-4,
@@ -50,9 +50,6 @@ class AutoencoderTraining(L.LightningModule):
         # the fused kernel where the device has one, as the diffusion task's (see make_optimizer)
         factory = partial(torch.optim.AdamW, lr=self.lr, weight_decay=0.0, fused=None, foreach=None)
         return make_optimizer(factory, [{"params": list(self.autoencoder.parameters())}], self._trainer)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def export(self, run_dir: Path) -> list[Path]:
         """Save the weights as safetensors in the run directory (and to `export_path`, if set)."""
