@@ -30,22 +30,25 @@ vae-shapes: $(STAMP)
 	$(PY) train.py experiment=vae_shapes vae.export_path=ldm/autoencoders/weights/shapes_vae.safetensors $(ARGS)
 
 features: $(STAMP)
-	$(PY) -m ldm.metrics.train_features $(ARGS)
+	$(PY) -m ldm.tools.train_features $(ARGS)
 
+# a worker per core (pytest-xdist); the tests that start several processes run in one worker, one at a time
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadgroup $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadgroup -m slow $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadgroup -m '' $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m ldm.bench $(ARGS)
+	$(PY) -m ldm.tools.bench $(ARGS)
 
+# ruff, and import-linter's contract: imports only go down the layers (pyproject.toml, [tool.importlinter])
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

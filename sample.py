@@ -4,19 +4,15 @@ import hydra
 from omegaconf import DictConfig
 
 import ldm  # noqa: F401  (registers the config resolvers)
-from ldm import hydra_hooks
-from ldm.errors import reported_user_errors
+from ldm.utils.errors import reported_user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    # heavy imports (torch) only once Hydra has parsed the arguments
-    from ldm.sample_checks import check_sampling
-    from ldm.sampling import sample
+    # deferred: torch loads only once Hydra has parsed the arguments (`--help` stays quick)
+    from ldm.commands.sample import sample
 
     with reported_user_errors():
-        if not hydra_hooks.checked:  # the Hydra callback was switched off: check here instead
-            check_sampling(cfg)
         sample(cfg)
 
 

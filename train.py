@@ -6,20 +6,17 @@ import hydra
 from omegaconf import DictConfig
 
 import ldm  # noqa: F401  (registers the config resolvers)
-from ldm import hydra_hooks
-from ldm.errors import ConfigError, exit_for, reported_user_errors
-from ldm.renamed import renamed_overrides
+from ldm.checks.hydra import created_run_dir
+from ldm.run.renamed import renamed_overrides
+from ldm.utils.errors import ConfigError, exit_for, reported_user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # heavy imports (torch, Lightning) only once Hydra has parsed the arguments
-    from ldm.checks import check_training
-    from ldm.training import train
+    # deferred: torch and Lightning load only once Hydra has parsed the arguments (`--help` stays quick)
+    from ldm.commands.train import train
 
-    with reported_user_errors(hydra_hooks.new_run_dir):
-        if not hydra_hooks.checked:  # the Hydra callback was switched off: check here instead
-            check_training(cfg)
+    with reported_user_errors(created_run_dir()):
         return train(cfg)
 
 

@@ -18,7 +18,11 @@ CONF = ROOT / "conf"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core: each, and what it starts, takes one
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # small, fast settings shared by tests that really train
 TINY = [
@@ -56,19 +60,26 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int | None = 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """One short real training run (csv logger), shared by the tests that need a finished run."""
-    from ldm.training import train
+    """One short real training run (csv logger), shared by the tests that need a finished run (read-only): made
+    once for the whole suite, by whichever parallel worker needs it first."""
+    from filelock import FileLock
 
-    out = tmp_path_factory.mktemp("run")
-    cfg = compose_config(TINY + ["logger=csv", "trainer.max_steps=60", "trainer.val_check_interval=20"], out)
-    _save_config(cfg, out)
-    train(cfg)
+    from ldm.commands.train import train
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared  # the workers' common folder
+    out = shared / "trained_run"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "checkpoints" / "last.ckpt").is_file():
+            cfg = compose_config(TINY + ["logger=csv", "trainer.max_steps=60", "trainer.val_check_interval=20"], out)
+            _save_config(cfg, out)
+            train(cfg)
     return out
 
 
 def train_run(overrides: list[str], out: Path):
     """Train in-process as `python train.py` would, leaving a run directory that sample.py can rebuild."""
-    from ldm.training import train
+    from ldm.commands.train import train
 
     cfg = compose_config(overrides, out)
     _save_config(cfg, out)
@@ -101,3 +112,17 @@ def perturb(model, scale=0.05, seed=1):
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
     return model
 
+
+
+def digits_accuracy(images, labels) -> float:
+    """The project's one digits judge (the shipped feature network's class head, as `accuracy_digits`)."""
+    from ldm.metrics.attributes import AttributeAccuracy
+    from ldm.metrics.features import unit_images
+    from ldm.metrics.project_features import ProjectFeatures
+
+    judge = ProjectFeatures("digits")
+    targets = judge.targets(labels=torch.as_tensor(labels))
+    accuracy = AttributeAccuracy(list(targets))
+    with torch.no_grad():
+        accuracy.update(judge.classify(unit_images(images)), targets)
+    return float(accuracy.compute()["all"])

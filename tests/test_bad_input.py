@@ -18,10 +18,10 @@ from conftest import ROOT, TINY, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.checks import check_training
-from ldm.errors import ConfigError
-from ldm.run_checks import run_dir_problems
-from ldm.sample_checks import check_sampling
+from ldm.checks.run_dir import run_dir_problems
+from ldm.checks.sampling import check_sampling
+from ldm.checks.training import check_training
+from ldm.utils.errors import ConfigError
 
 
 class ModelBuilt(AssertionError):

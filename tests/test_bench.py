@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.bench import peak
-from ldm.bench.cli import main
-from ldm.bench.denoisers import dit_pair, unet_pair
-from ldm.bench.flops import count_flops
-from ldm.bench.peak import matmul_peak
-from ldm.bench.timing import alternate
+from ldm.tools.bench import peak
+from ldm.tools.bench.cli import main
+from ldm.tools.bench.denoisers import dit_pair, unet_pair
+from ldm.tools.bench.flops import count_flops
+from ldm.tools.bench.peak import matmul_peak
+from ldm.tools.bench.timing import alternate
 
 CPU = torch.device("cpu")
 
@@ -119,8 +119,8 @@ def test_compare_refuses_a_file_that_is_not_a_result(tmp_path, capsys):
 
 def test_callback_overhead_counts_the_evaluation_it_adds():
     """The row's extra work is the callback's sampling: twice the samples, twice the extra FLOPs."""
-    from ldm.bench.callbacks import sample_metrics_rows
-    from ldm.bench.cli import QUICK_RUN
+    from ldm.tools.bench.callbacks import sample_metrics_rows
+    from ldm.tools.bench.cli import QUICK_RUN
 
     peaks = {"fp32": 1e11}
     rows = {n: sample_metrics_rows(["fp32"], 1, 0, CPU, peaks, QUICK_RUN + [f"callbacks.sample_metrics.num_samples={n}",
@@ -137,7 +137,7 @@ def test_callback_overhead_counts_the_evaluation_it_adds():
 
 def test_flops_are_counted_before_a_member_is_prepared():
     """Compiled kernels bypass the FLOP counter: `prepare` (switching compile on) must come after the count."""
-    from ldm.bench.measure import Comparison, Member, measure
+    from ldm.tools.bench.measure import Comparison, Member, measure
 
     a, b = torch.randn(64, 64), torch.randn(64, 64)
     state = {"prepared": 0, "counted_eager": None}

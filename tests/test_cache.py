@@ -14,12 +14,12 @@ from conftest import compose_config
 from torch.utils.data import Dataset
 
 from ldm.autoencoders.identity import IdentityAutoencoder
-from ldm.build import build_diffusion
 from ldm.conditioners import Conditioner
 from ldm.conditioners.embedder import Embedder
 from ldm.data import cache as data_cache
 from ldm.data.cache import cached_dataset, data_identity
 from ldm.data.folder import FolderDataset
+from ldm.run.build import build_diffusion
 
 TEXT = ["experiment=shapes_text", "data.train.num_samples=96", "data.val.num_samples=32", "model.depth=1"]
 

@@ -15,7 +15,7 @@ from ldm.autoencoders.identity import IdentityAutoencoder
 from ldm.conditioners import Conditioner
 from ldm.data import cache_file
 from ldm.data.cache import cached_dataset
-from ldm.files import temporary_name
+from ldm.utils.files import temporary_name
 
 
 class SlowDataset(Dataset):

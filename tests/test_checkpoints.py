@@ -10,9 +10,9 @@ import torch
 from conftest import TINY, compose_config, train_run
 from probes import Crash, RecordWeights
 
-from ldm.checkpoint import CheckpointError, load_checkpoint
-from ldm.sampling import load_run
-from ldm.training import train
+from ldm.commands.train import train
+from ldm.run.load import load_run
+from ldm.utils.checkpoint import CheckpointError, load_checkpoint
 
 SHORT = TINY + ["logger=csv", "trainer.max_steps=30", "trainer.val_check_interval=10", "callbacks.sample_grid=null"]
 RECORD = ["+callbacks.record._target_=probes.RecordWeights"]
@@ -62,8 +62,8 @@ def test_frozen_parts_are_referenced_by_hash_not_stored(trained_run):
 
 
 def test_a_random_frozen_text_tower_is_rebuilt_identically(tmp_path):
-    from ldm.build import build_diffusion
-    from ldm.fingerprint import module_fingerprint
+    from ldm.run.build import build_diffusion
+    from ldm.utils.fingerprint import module_fingerprint
 
     cfg = compose_config(["experiment=shapes_text", "model.depth=1"], tmp_path)
     towers = []

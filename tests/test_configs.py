@@ -8,8 +8,8 @@ import yaml
 from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
-from ldm.autoencoders.training import AutoencoderTraining
-from ldm.validate import check_keys, config_errors
+from ldm.checks.keys import check_keys, config_errors
+from ldm.tasks.autoencoder import AutoencoderTraining
 
 GROUPS = ["data", "autoencoder", "conditioner", "model", "schedule", "sampler", "trainer", "callbacks", "logger",
           "experiment", "hparams_search", "launcher", "debug", "task", "optimizer", "lr_scheduler"]

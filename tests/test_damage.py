@@ -19,9 +19,9 @@ import pytest
 import torch
 from conftest import ROOT, TINY, run_script
 
-from ldm.callbacks.last_checkpoint import PREVIOUS, LastCheckpoint, newest_readable
-from ldm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ldm.files import TEMP_SUFFIX, remove_partial_files
+from ldm.callbacks.last_checkpoint import LastCheckpoint
+from ldm.utils.checkpoint import PREVIOUS, CheckpointError, load_checkpoint, newest_readable, save_checkpoint
+from ldm.utils.files import TEMP_SUFFIX, remove_partial_files
 
 # rotates last.ckpt to previous.ckpt and saves a new one, as LastCheckpoint does, in a loop;
 # every tensor of save number k holds k, so a mixed or partial file shows
@@ -29,8 +29,8 @@ SAVER = """
 import sys, zipfile
 from pathlib import Path
 import torch
-from ldm.checkpoint import save_checkpoint
-from ldm.files import keep_copy
+from ldm.utils.checkpoint import save_checkpoint
+from ldm.utils.files import keep_copy
 folder = Path(sys.argv[1])
 last, previous = folder / "last.ckpt", folder / "previous.ckpt"
 for step in range(int(sys.argv[2]), 10**6):

@@ -37,7 +37,7 @@ def last(rows: list[dict], key: str):
 def test_loss_per_noise_level_is_the_checkpoint_loss_of_a_fixed_batch_in_each_bin(dashboard):
     """Recomputed from last.ckpt (EMA weights, as validation uses) with the schedule's two rows, bin by bin."""
     from ldm.data.digits import DigitsDataset
-    from ldm.sampling import load_run
+    from ldm.run.load import load_run
 
     run_dir, rows = dashboard
     assert sum(BINS[0] in row for row in rows) == 2  # at both validations
@@ -60,7 +60,7 @@ def test_loss_per_noise_level_is_the_checkpoint_loss_of_a_fixed_batch_in_each_bi
 
 
 def test_sample_metrics_are_those_evaluate_py_gives_for_the_checkpoint(dashboard, tmp_path):
-    from ldm.evaluate import evaluate
+    from ldm.commands.evaluate import evaluate
 
     run_dir, rows = dashboard
     cfg = compose_config([f"run={run_dir}", "n=32", "metrics=digits", "metrics.kid_subsets=5", "wandb.mode=disabled",
@@ -75,7 +75,7 @@ def test_sample_metrics_are_those_evaluate_py_gives_for_the_checkpoint(dashboard
 def test_throughput_counts_forward_and_backward_flops_per_image(dashboard):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldm.sampling import load_run
+    from ldm.run.load import load_run
 
     run_dir, rows = dashboard
     images_per_sec, flops_per_sec = last(rows, "train/images_per_sec"), last(rows, "train/flops_per_sec")

@@ -7,7 +7,7 @@ import pytest
 from conftest import CONF, compose_config
 from hydra.errors import InstantiationException
 
-from ldm.validate import config_errors
+from ldm.checks.keys import config_errors
 
 DATA_CONFIGS = sorted(path.stem for path in (CONF / "data").glob("*.yaml"))
 

@@ -22,10 +22,13 @@ import pytest
 import torch
 from conftest import ROOT, TINY, compose_config, train_run
 
-from ldm.build import build_diffusion
-from ldm.checkpoint import load_checkpoint
 from ldm.data.digits import DigitsDataset
-from ldm.sampling import load_run
+from ldm.run.build import build_diffusion
+from ldm.run.load import load_run
+from ldm.utils.checkpoint import load_checkpoint
+
+# several processes and ports each: these run one after another, in one worker of a parallel suite
+pytestmark = pytest.mark.xdist_group("distributed")
 
 BATCH = 16
 DDP = TINY + ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16", "logger=csv",

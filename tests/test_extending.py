@@ -68,8 +68,8 @@ def test_every_sampler_reproduces_gaussian_data(sampler_name):
 def test_it_trains_in_the_app_and_samples_with_every_sampler(tmp_path):
     from conftest import TINY, compose_config
 
-    from ldm.sampling import load_run
-    from ldm.training import train
+    from ldm.commands.train import train
+    from ldm.run.load import load_run
 
     cfg = compose_config(TINY + ["logger=none", "callbacks.sample_grid=null", "trainer.max_steps=20",
                                  "trainer.val_check_interval=10"], tmp_path)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.metrics.suite import MetricSuite, build_suite
-from ldm.pretrained.files import WeightsError
+from ldm.weights.files import WeightsError
 
 
 def random_images(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config
 
-from ldm.checks import check_training
-from ldm.errors import ConfigError
+from ldm.checks.training import check_training
+from ldm.utils.errors import ConfigError
+
+# several processes and ports each: these run one after another, in one worker of a parallel suite
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 def problems(overrides: list[str]) -> list[str]:

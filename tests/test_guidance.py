@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ldm.conditioners.conditioning import Conditioning
+from ldm.contracts.conditioning import Conditioning
 from ldm.samplers import Euler, classifier_free_guidance
 from ldm.schedules import RectifiedFlow
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-from ldm.checkpoint import load_checkpoint
+from ldm.utils.checkpoint import load_checkpoint
 
 ARGS = ["trainer.accelerator=cpu", "logger=csv", "data.cache=false", "data.batch_size=32", "model.depth=2",
         "lr_scheduler.warmup_steps=0", "callbacks.sample_grid=null", "callbacks.ema.update_starting_at_step=0",

@@ -7,7 +7,7 @@ from conftest import TINY, compose_config
 from PIL import Image
 from wandb_log import history_with
 
-from ldm.training import train
+from ldm.commands.train import train
 
 SHORT = TINY + ["trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.log_every_n_steps=5"]
 

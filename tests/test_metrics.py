@@ -335,8 +335,8 @@ def test_metrics_config_group(tmp_path):
     import hydra
     from conftest import CONF, compose_config
 
-    from ldm.errors import ConfigError
-    from ldm.validate import config_errors
+    from ldm.checks.keys import config_errors
+    from ldm.utils.errors import ConfigError
 
     options = sorted(path.stem for path in (CONF / "metrics").glob("*.yaml"))
     assert {"digits", "shapes", "inception", "dinov2", "clip"} <= set(options)
@@ -359,7 +359,7 @@ def test_metrics_config_group(tmp_path):
 
 @pytest.mark.slow
 def test_feature_network_training_is_deterministic():
-    from ldm.metrics.train_features import train
+    from ldm.tools.train_features import train
 
     first, record = train("digits", epochs=1, log=lambda line: None)
     second, _ = train("digits", epochs=1, log=lambda line: None)

@@ -8,7 +8,7 @@ from conftest import CONF, compose_config, perturb
 from omegaconf import OmegaConf
 
 from ldm.conditioners.class_embedder import ClassEmbedder
-from ldm.conditioners.conditioning import Conditioning
+from ldm.contracts.conditioning import Conditioning
 from ldm.models import DiT, UNet, check_conditioning
 
 MODEL_CONF = CONF / "model"

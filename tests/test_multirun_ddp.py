@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import CONF, ROOT, TINY
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -15,8 +16,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import open_dict
 from wandb_log import records
 
-from ldm.checkpoint import load_checkpoint
-from ldm.loggers import WANDB_ID_FILE, wandb_logger
+from ldm.run.loggers import WANDB_ID_FILE, wandb_logger
+from ldm.utils.checkpoint import load_checkpoint
+
+# several processes and ports each: these run one after another, in one worker of a parallel suite
+pytestmark = pytest.mark.xdist_group("distributed")
 
 SWEEP = TINY + ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16",
                 "model.hidden_size=64", "logger=wandb", "callbacks.sample_grid=null", "trainer.max_steps=2",

@@ -17,12 +17,12 @@ import torch
 from conftest import ROOT, TINY, run_script
 from torch.utils.data import Dataset
 
-from ldm import config
 from ldm.callbacks.progress import PlainTextProgress, progress_bar
 from ldm.data.cache import compute_cache
-from ldm.quiet import silence_known_warnings
+from ldm.utils import config
+from ldm.utils.quiet import silence_known_warnings
 
-# what every run printed before they were silenced (each is harmless; see ldm/quiet.py)
+# what every run printed before they were silenced (each is harmless; see ldm/utils/quiet.py)
 KNOWN_WARNINGS = ["module(s) in eval mode", "LeafSpec", "litlogger", "weights_only",
                   "not supported by the model summary"]
 
@@ -76,7 +76,7 @@ def test_known_warnings_are_silenced_and_others_are_not():
         warnings.warn_explicit("some other warning", UserWarning, "fit_loop.py", 1, module=fit_loop)
         # the same text from our own code is not silenced: it would be a real problem there
         warnings.warn_explicit("Found 2 module(s) in eval mode at the start of training", UserWarning,
-                               "diffusion.py", 1, module="ldm.diffusion")
+                               "diffusion.py", 1, module="ldm.tasks.diffusion")
     assert [str(w.message) for w in caught] == ["some other warning",
                                                 "Found 2 module(s) in eval mode at the start of training"]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY, train_run
 
-import ldm.build
-from ldm.build import resolve_precision
+import ldm.run.build
+from ldm.run.build import resolve_precision
 
 
 @pytest.mark.parametrize(("accelerator", "cuda", "cuda_bf16", "cpu_bf16", "expected"), [
@@ -23,7 +23,7 @@ from ldm.build import resolve_precision
 def test_auto_precision_follows_the_device(monkeypatch, accelerator, cuda, cuda_bf16, cpu_bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
-    monkeypatch.setattr(ldm.build, "cpu_has_bf16_units", lambda: cpu_bf16)
+    monkeypatch.setattr(ldm.run.build, "cpu_has_bf16_units", lambda: cpu_bf16)
     assert resolve_precision("auto", accelerator) == expected
     assert resolve_precision("16-mixed", accelerator) == "16-mixed"  # anything named is kept
 
@@ -35,7 +35,7 @@ class Built(Exception):
 def test_training_hands_the_trainer_the_precision_for_its_accelerator(tmp_path, monkeypatch):
     import lightning.pytorch as pl
 
-    monkeypatch.setattr(ldm.build, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(ldm.run.build, "cpu_has_bf16_units", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto would pick a GPU with bf16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     given = []
@@ -55,8 +55,9 @@ def test_training_hands_the_trainer_the_precision_for_its_accelerator(tmp_path, 
 def test_bf16_training_of_the_digits_default_reaches_the_accuracy_of_fp32(tmp_path):
     """The default recipe, shortened to 1,000 steps, in both precisions: the digits classifier's accuracy and
     fd_digits of 500 samples with the EMA weights."""
-    from ldm.evaluation.digits import digits_accuracy
-    from ldm.sampling import load_run
+    from conftest import digits_accuracy
+
+    from ldm.run.load import load_run
 
     scores = {}
     for precision in ("32-true", "bf16-mixed"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config
 
-from ldm.errors import ConfigError
-from ldm.presets import missing_values, preset_config
-from ldm.sample_checks import sampling_problems
-from ldm.sampling import requested_conditions
+from ldm.checks.sampling import sampling_problems
+from ldm.commands.sample import requested_conditions
+from ldm.run.presets import missing_values, preset_config
+from ldm.utils.errors import ConfigError
 
 WEIGHTS = ["dit_weights=/weights/DiT-XL-2-256x256.pt", "vae_weights=/weights/sd-vae-ft-ema"]
 

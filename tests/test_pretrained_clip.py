@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ldm.conditioners.clip_text import ClipTextEmbedder, MissingWeightsError
-from ldm.pretrained.clip_text import TextWeightsError
-from ldm.pretrained.files import WeightsError
+from ldm.weights.clip_text import TextWeightsError
+from ldm.weights.files import WeightsError
 
 EOT = 49407
 TEXT_CFG = {"width": 64, "layers": 3, "heads": 4, "context_length": 77, "vocab_size": 49408}

@@ -12,11 +12,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from hydra.errors import InstantiationException
 
-from ldm.autoencoders.base import Autoencoder
 from ldm.conditioners.class_embedder import class_indices, imagenet_class_names
-from ldm.diffusion import LatentDiffusion
-from ldm.pretrained.dit import to_diffusers
-from ldm.pretrained.files import WeightsError
+from ldm.contracts.autoencoder import Autoencoder
+from ldm.tasks.diffusion import LatentDiffusion
+from ldm.weights.dit import to_diffusers
+from ldm.weights.files import WeightsError
 
 HIDDEN, HEADS, DEPTH, PATCH, SIZE, CHANNELS, CLASSES = 64, 4, 2, 2, 8, 4, 10
 LEVELS = [0, 10, 500, 999]

@@ -13,9 +13,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import save_file
 
-from ldm.conditioners.conditioning import Conditioning
-from ldm.pretrained.files import WeightsError
-from ldm.pretrained.unet import to_diffusers
+from ldm.contracts.conditioning import Conditioning
+from ldm.weights.files import WeightsError
+from ldm.weights.unet import to_diffusers
 
 LEVELS = [0, 1, 500, 999]  # integer DDPM levels, as the SD networks take them
 TOKENS, CONTEXT, SIZE = 8, 32, 16

@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.autoencoders.sd_vae import SDAutoencoder
 from ldm.autoencoders.tiling import tiled
-from ldm.pretrained.files import WeightsError
-from ldm.pretrained.vae import original_state_dict, to_diffusers
+from ldm.weights.files import WeightsError
+from ldm.weights.vae import original_state_dict, to_diffusers
 
 # small versions of the SD VAE (4 latent channels, quant convs) and of the SD3 / Flux one (16, none)
 VARIANTS = {"sd": dict(preset="sd_vae", latent=4, quant=True, constants={}),
@@ -267,8 +267,8 @@ def test_slices_give_the_whole_batch_result(tmp_path):
 
 
 def test_a_pretrained_vae_is_frozen_and_kept_out_of_checkpoints(tmp_path):
-    from ldm.build import build_diffusion
-    from ldm.fingerprint import module_fingerprint
+    from ldm.run.build import build_diffusion
+    from ldm.utils.fingerprint import module_fingerprint
 
     path = save_layout(reference_vae(), "diffusers_dir", tmp_path)
     cfg = compose_config(["autoencoder=sd_vae", f"autoencoder.weights={path}", *SMALL,

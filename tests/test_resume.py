@@ -8,8 +8,8 @@ import pytest
 from conftest import TINY, compose_config
 from probes import Crash, FirstStep
 
-from ldm.checkpoint import load_checkpoint
-from ldm.training import train
+from ldm.commands.train import train
+from ldm.utils.checkpoint import load_checkpoint
 
 # 64 per batch: 23 batches per epoch of the digits, so the crash at step 30 resumes mid-way through epoch 1
 RUN = TINY + ["logger=csv", "data.batch_size=64", "trainer.max_steps=40", "trainer.val_check_interval=10",

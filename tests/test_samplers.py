@@ -6,10 +6,10 @@ import torch
 from conftest import CONF, compose_config
 
 from ldm.samplers import Ancestral, DPMSolverPP2M, Euler, EulerAncestral, Heun
-from ldm.samplers.error_table import main
-from ldm.samplers.exact import Gaussian, GaussianMixture, gaussian_problem, perfect_model
-from ldm.samplers.w2 import sampler_error
 from ldm.schedules import RectifiedFlow, VPrediction
+from ldm.tools.exact_gaussian import Gaussian, GaussianMixture, gaussian_problem, perfect_model
+from ldm.tools.sampler_table import main
+from ldm.tools.w2 import sampler_error
 
 ALIASES = {("sampler", "ddpm")}  # old names that compose to another option; tested in test_sampler_aliases
 
@@ -212,7 +212,7 @@ def test_callback_is_optional_and_changes_nothing():
 
 
 def test_noise_is_drawn_on_the_generator_device_and_returned_where_asked():
-    from ldm.noise import randn
+    from ldm.utils.noise import randn
 
     expected = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     got = randn((3, 4), torch.Generator().manual_seed(5), device="meta", dtype=torch.float64)
@@ -223,7 +223,7 @@ def test_noise_is_drawn_on_the_generator_device_and_returned_where_asked():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cpu_generator_gives_the_same_noise_and_samples_on_cuda():
-    from ldm.noise import randn
+    from ldm.utils.noise import randn
 
     expected = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
     got = randn((3, 4), torch.Generator().manual_seed(5), device="cuda")

@@ -36,8 +36,8 @@ def test_sample_rejects_a_directory_that_is_not_a_run(tmp_path):
 def test_the_sampler_argument_is_used(trained_run, tmp_path):
     import torch
 
+    from ldm.run.load import load_run
     from ldm.samplers import Heun
-    from ldm.sampling import load_run
 
     paths = {name: tmp_path / f"{name}.npz" for name in ("euler", "heun")}
     for name, path in paths.items():
@@ -48,7 +48,7 @@ def test_the_sampler_argument_is_used(trained_run, tmp_path):
     _, module = load_run(trained_run)  # the same draw made directly with Heun
     images = module.sample({"label": torch.full((4,), 2)}, 4, sampler=Heun(), steps=3, guidance=1.5,
                            generator=torch.Generator().manual_seed(0))
-    from ldm.images import to_uint8
+    from ldm.utils.images import to_uint8
 
     assert np.abs(to_uint8(images).astype(int) - heun.astype(int)).max() <= 1
 
@@ -57,8 +57,8 @@ def test_guidance_defaults_to_the_runs_sample_guidance(trained_run, tmp_path):
     """As evaluate.py: without guidance=, sample.py guides like the run's own sample grids."""
     import torch
 
-    from ldm.images import to_uint8
-    from ldm.sampling import load_run
+    from ldm.run.load import load_run
+    from ldm.utils.images import to_uint8
 
     out = tmp_path / "default.npz"
     run_script("sample.py", f"run={trained_run}", "n=4", "steps=3", "labels=[2]", f"out={out}")
@@ -78,13 +78,13 @@ def _sample_in_process(trained_run, tmp_path, monkeypatch, *overrides):
     """Run `sample(cfg)` with building the model replaced by a failure: what passes reaches the build."""
     from conftest import compose_config
 
-    import ldm.sampling
+    import ldm.commands.sample
 
     def no_build(*args, **kwargs):
         raise RuntimeError("the model was built")
-    monkeypatch.setattr(ldm.sampling, "build_run", no_build)
+    monkeypatch.setattr(ldm.commands.sample, "build_run", no_build)
     cfg = compose_config([f"run={trained_run}", f"out={tmp_path / 'out.npz'}", *overrides], name="sample")
-    return ldm.sampling.sample(cfg)
+    return ldm.commands.sample.sample(cfg)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -97,7 +97,7 @@ def _sample_in_process(trained_run, tmp_path, monkeypatch, *overrides):
     ("guidance=-1", "guidance="),
 ])
 def test_bad_arguments_fail_before_the_model_is_built(trained_run, tmp_path, monkeypatch, override, key):
-    from ldm.errors import ConfigError
+    from ldm.utils.errors import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         _sample_in_process(trained_run, tmp_path, monkeypatch, override)

@@ -73,7 +73,7 @@ def sd_setup(tmp_path_factory):
 def test_finetune_starts_from_the_published_unet_checkpoints_without_frozen_parts_and_resumes(sd_setup, tmp_path):
     base, reference, overrides = sd_setup
     cfg = compose_config(overrides + ["trainer.max_steps=0"])
-    from ldm.build import build_diffusion
+    from ldm.run.build import build_diffusion
 
     module = build_diffusion(cfg)
     for name, value in reference.state_dict().items():  # spot check: the UNet starts as the directory's
@@ -100,8 +100,8 @@ def test_finetune_starts_from_the_published_unet_checkpoints_without_frozen_part
     assert "resuming" in log or resumed["global_step"] == 4
 
     # export: diffusers loads the fine-tuned UNet and computes what the project's UNet computes
-    from ldm.export import export
-    from ldm.sampling import load_run
+    from ldm.commands.export import export
+    from ldm.run.load import load_run
 
     out = export(str(run), part="denoiser", out=str(tmp_path / "export"))
     loaded = diffusers.UNet2DConditionModel.from_pretrained(out).eval()
@@ -109,7 +109,7 @@ def test_finetune_starts_from_the_published_unet_checkpoints_without_frozen_part
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, CONTEXT, generator=torch.Generator().manual_seed(1))
     k = torch.tensor([10.0, 900.0])
-    from ldm.conditioners.conditioning import Conditioning
+    from ldm.contracts.conditioning import Conditioning
 
     with torch.no_grad():
         ours = trained.denoiser(x, k, Conditioning(tokens=context))

@@ -18,7 +18,10 @@ import pytest
 from conftest import ROOT, TINY
 from wandb_log import history_with, records
 
-from ldm.checkpoint import load_checkpoint
+from ldm.utils.checkpoint import load_checkpoint
+
+# several processes and ports each: these run one after another, in one worker of a parallel suite
+pytestmark = pytest.mark.xdist_group("distributed")
 
 STEPS = 12
 # two jobs that differ only in how often they log (the same weights either way)
@@ -101,7 +104,7 @@ def test_under_submitit_on_slurm_only_submitit_requeues(monkeypatch):
     """Lightning's own SLURM requeue (USR1: hpc_ckpt and scontrol requeue) is off where submitit requeues."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from ldm.requeue import cluster_plugins
+    from ldm.run.requeue import cluster_plugins
 
     for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SUBMITIT_EXECUTOR": "slurm"}.items():
         monkeypatch.setenv(name, value)

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from conftest import compose_config, perturb
 from torch import nn
 
-from ldm.conditioners.conditioning import Conditioning
-from ldm.errors import ConfigError
+from ldm.contracts.conditioning import Conditioning
 from ldm.models import DiT, UNet
 from ldm.models.layers import Attention, attention, compile_problem, fuse_attention_keys
-from ldm.optim import parameter_groups, upgraded_optimizer_state
+from ldm.tasks.optim import parameter_groups, upgraded_optimizer_state
+from ldm.utils.errors import ConfigError
 
 WIDTH, HEADS, TOKENS, CONTEXT, KEYS = 32, 4, 10, 12, 6
 
@@ -318,8 +318,8 @@ def test_a_run_checkpoint_of_the_earlier_attention_layout_still_samples():
     """sample.py on a run saved before self-attention had one qkv projection: weights and EMA average load."""
     from conftest import TINY, compose_config
 
-    from ldm.build import build_diffusion
-    from ldm.callbacks.ema import CHECKPOINT_KEY
+    from ldm.run.build import build_diffusion
+    from ldm.utils.checkpoint import EMA_KEY
 
     def earlier(state: dict) -> dict:  # the earlier names, written here rule by rule: to_q + to_kv
         old = {}
@@ -338,7 +338,7 @@ def test_a_run_checkpoint_of_the_earlier_attention_layout_still_samples():
             if parameter.requires_grad:  # the frozen autoencoder is checked by its hash
                 parameter.add_(0.01 * torch.randn_like(parameter))
     average = {name: p.detach() + 0.5 for name, p in trained.named_parameters() if p.requires_grad}
-    checkpoint = {"state_dict": earlier(trained.state_dict()), CHECKPOINT_KEY: earlier(average)}
+    checkpoint = {"state_dict": earlier(trained.state_dict()), EMA_KEY: earlier(average)}
     trained.on_save_checkpoint(checkpoint)
     assert any(".to_q." in key for key in checkpoint["state_dict"])
 

@@ -21,15 +21,15 @@ from torch.utils.data import Dataset
 
 from ldm.autoencoders.identity import IdentityAutoencoder
 from ldm.autoencoders.kl import KLAutoencoder
-from ldm.checkpoint import load_checkpoint
 from ldm.conditioners import Conditioner
 from ldm.data import cache_file
 from ldm.data.cache import cached_dataset
 from ldm.data.imagenet import ImageNetDataset, center_crop, to_tensor
 from ldm.data.shards import shard_cache
 from ldm.data.streaming import LatentShards, ResumableLoader, StreamingDataModule
-from ldm.errors import ConfigError
-from ldm.files import temporary_name
+from ldm.utils.checkpoint import load_checkpoint
+from ldm.utils.errors import ConfigError
+from ldm.utils.files import temporary_name
 
 N, BATCH, WORKERS, RANKS = 512, 16, 2, 2
 
@@ -330,7 +330,7 @@ def _losses(run_dir) -> dict[int, float]:
 
 
 def test_a_run_streams_imagenet_and_resumes_mid_epoch_as_if_uninterrupted(imagenet, tmp_path):
-    from ldm.training import train
+    from ldm.commands.train import train
 
     run = RUN + [f"root={imagenet}", f"data.cache_dir={tmp_path / 'cache'}"]
     train(compose_config(run, tmp_path / "a"))
@@ -394,7 +394,7 @@ def test_two_ddp_ranks_stream_each_item_once_per_epoch_and_resume_exactly(imagen
 
 @pytest.mark.slow
 def test_twenty_thousand_images_stream_once_per_epoch_resume_exactly_and_in_bounded_memory(tmp_path):
-    from ldm.data.streaming_check import run_check
+    from ldm.tools.streaming_check import run_check
 
     report = run_check(tmp_path, items=20_000)
     print(json.dumps(report, indent=2))
@@ -408,7 +408,7 @@ def test_twenty_thousand_images_stream_once_per_epoch_resume_exactly_and_in_boun
 
 
 def test_dit_xl2_imagenet256_is_dits_recipe(imagenet):
-    from ldm.validate import config_errors
+    from ldm.checks.keys import config_errors
 
     if not (CONF / "autoencoder" / "sd_vae.yaml").is_file():
         pytest.skip("conf/autoencoder/sd_vae.yaml is not there yet")

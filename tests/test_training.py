@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY, compose_config, run_script
 
-from ldm.training import train
+from ldm.commands.train import train
 
 SCHEDULES = ("flow", "ddpm", "v", "x0", "edm", "trig")
 PAIRINGS = [(m, s, a) for m in ("dit", "unet") for s in SCHEDULES

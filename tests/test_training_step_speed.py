@@ -11,9 +11,9 @@ from conftest import TINY, compose_config, perturb, train_run
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-from ldm.conditioners.conditioning import Conditioning
+from ldm.contracts.conditioning import Conditioning
 from ldm.models import DiT, UNet
-from ldm.optim import clip_gradients, make_optimizer, parameter_groups
+from ldm.tasks.optim import clip_gradients, make_optimizer, parameter_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,9 +13,9 @@ import yaml
 from conftest import CONF, TINY, run_script
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import CheckpointError, load_checkpoint
-from ldm.sampling import load_run
-from ldm.trust import UntrustedConfig, check_run_config, target_problem
+from ldm.run.load import load_run
+from ldm.run.trust import UntrustedConfig, check_run_config, target_problem
+from ldm.utils.checkpoint import CheckpointError, load_checkpoint
 
 # the overrides of conftest's `trained_run`, so train.py accepts its directory as the same run
 TRAINED = TINY + ["logger=csv", "trainer.max_steps=60", "trainer.val_check_interval=20"]
@@ -63,10 +63,10 @@ def test_every_shipped_config_passes_the_check():
 
 @pytest.mark.parametrize("target", [
     "os.system", "builtins.exec", "subprocess.run", "torch.load", "pathlib.Path.touch",
-    "ldm.training.torch.load",          # a library function reached through a project module
-    "ldm.sampling.Path",                # a library class the project imports
-    "ldm.errors.remove_new_run_dir",    # a project function that deletes a directory
-    "ldm.files.remove_partial_files",
+    "ldm.commands.train.torch.load",          # a library function reached through a project module
+    "ldm.commands.sample.Path",                # a library class the project imports
+    "ldm.utils.errors.remove_new_run_dir",    # a project function that deletes a directory
+    "ldm.utils.files.remove_partial_files",
     "ldm.nope.Missing",
 ])
 def test_targets_outside_the_allow_list_are_refused(target):
@@ -106,7 +106,7 @@ def test_trusted_targets_extend_the_allow_list_by_exact_name():
 CRAFTED_CONFIGS = {
     "os.system": lambda cfg, marker: cfg["model"].update({"_target_": "os.system", "command": f"touch {marker}"}),
     "through a project module": lambda cfg, marker: cfg["schedule"].update(
-        {"_target_": "ldm.training.os.system", "command": f"touch {marker}"}),
+        {"_target_": "ldm.commands.train.os.system", "command": f"touch {marker}"}),
     "pathlib": lambda cfg, marker: cfg["sampler"].update(
         {"_target_": "pathlib.Path.touch", "_args_": [str(marker)]}),
     "oc.create": lambda cfg, marker: cfg.update(
@@ -192,7 +192,7 @@ def test_resume_auto_refuses_a_crafted_last_checkpoint(tmp_path):
 
 def test_resume_checkpoint_refuses_a_crafted_checkpoint_itself(tmp_path):
     """The same refusal without the command line's own check of `resume=` in front of it."""
-    from ldm.training import resume_checkpoint
+    from ldm.commands.train import resume_checkpoint
 
     marker = tmp_path / "MARKER"
     evil = crafted_checkpoint(tmp_path / "evil.ckpt", marker)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import CONF, compose_config
 
-from ldm.validate import ConfigError, accepted_keys, check_config, check_keys, config_errors
+from ldm.checks.keys import ConfigError, accepted_keys, check_config, check_keys, config_errors
 
 # (overrides, the start of the expected message): one misspelled key per config group
 MISSPELLED = [
@@ -31,7 +31,7 @@ MISSPELLED = [
     (["+callbacks.model_checkpoint.montor=val/loss"],
      "callbacks.model_checkpoint.montor: unknown key for lightning.pytorch.callbacks.ModelCheckpoint; "
      "did you mean monitor?"),
-    (["logger=csv", "+logger.csv.nmae=x"], "logger.csv.nmae: unknown key for ldm.loggers.ContinuedCSVLogger; "
+    (["logger=csv", "+logger.csv.nmae=x"], "logger.csv.nmae: unknown key for ldm.run.loggers.ContinuedCSVLogger; "
                                            "did you mean name?"),
 ]
 

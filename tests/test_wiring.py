@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 
-from ldm.build import build_diffusion
 from ldm.data.cache import data_identity
-from ldm.optim import DECAYED_LAYERS
+from ldm.run.build import build_diffusion
+from ldm.tasks.optim import DECAYED_LAYERS
 
 
 def _setup(overrides: list[str], tmp_path):
@@ -191,10 +191,9 @@ def test_weight_decay_only_on_layer_weights(flow, tmp_path):
 
 def test_guided_samples_follow_the_class_better_than_unguided(tmp_path):
     """A short real run: guidance must raise the digits classifier's agreement with the asked class."""
-    from conftest import train_run
+    from conftest import digits_accuracy, train_run
 
-    from ldm.evaluation.digits import digits_accuracy
-    from ldm.sampling import load_run
+    from ldm.run.load import load_run
 
     train_run(TINY + ["logger=none", "callbacks.sample_grid=null", "data.batch_size=64", "trainer.max_steps=400",
                       "trainer.val_check_interval=400", "callbacks.ema.decay=0.99", "optimizer.lr=1e-3"], tmp_path)

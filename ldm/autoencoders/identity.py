@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm.autoencoders.base import Autoencoder
+from ldm.contracts.autoencoder import Autoencoder
 
 
 class IdentityAutoencoder(Autoencoder):

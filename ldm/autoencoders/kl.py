@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ldm.autoencoders.base import Autoencoder
-from ldm.files import atomic_write
+from ldm.contracts.autoencoder import Autoencoder
+from ldm.utils.files import atomic_write
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

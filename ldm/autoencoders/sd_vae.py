@@ -12,17 +12,18 @@ from functools import partial
 import torch
 from torch import nn
 
-from ldm.autoencoders.base import Autoencoder
 from ldm.autoencoders.sd_vae_blocks import GROUPS, Decoder, Encoder, moments_to_posterior
 from ldm.autoencoders.tiling import sliced, tiled
-from ldm.errors import ConfigError
+from ldm.contracts.autoencoder import Autoencoder
+from ldm.utils.errors import ConfigError
+from ldm.weights.vae import load_vae_weights
 
 
 class SDAutoencoder(Autoencoder):
     """Encoder -> (quant_conv) -> diagonal Gaussian; (post_quant_conv) -> decoder. Downsamples by 2 ** (levels - 1).
 
     `weights`: a diffusers directory (model or pipeline with `vae/`) or a single file in the diffusers or
-    the original layout (see ldm.pretrained.vae). `tile_size` / `tile_overlap` (image pixels) encode and
+    the original layout (see ldm.weights.vae). `tile_size` / `tile_overlap` (image pixels) encode and
     decode large images in blended tiles; `slice_size` runs large batches in slices. None: off.
     `channels_last`: the convolutions run on NHWC feature maps (outputs come back in the default layout);
     None: on the CPU, where oneDNN ran encode + decode 1.2-1.4x faster so (measured in fp32 and bf16), and not
@@ -53,8 +54,6 @@ class SDAutoencoder(Autoencoder):
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_quant_conv else None
         if weights is not None:
-            from ldm.pretrained.vae import load_vae_weights
-
             load_vae_weights(self, weights)
 
     def architecture(self) -> dict:

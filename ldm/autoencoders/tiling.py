@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import torch
 
-from ldm.errors import UserError
+from ldm.utils.errors import UserError
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 

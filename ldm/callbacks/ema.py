@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 import lightning as L
 import torch
 
-CHECKPOINT_KEY = "ema_state_dict"
+from ldm.utils.checkpoint import EMA_KEY
 
 
 def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -96,10 +96,10 @@ class EMA(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if self.average is not None:
-            checkpoint[CHECKPOINT_KEY] = {name: value.detach().cpu() for name, value in self.average.items()}
+            checkpoint[EMA_KEY] = {name: value.detach().cpu() for name, value in self.average.items()}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        average = checkpoint.get(CHECKPOINT_KEY)
+        average = checkpoint.get(EMA_KEY)
         self.average = {name: value.clone() for name, value in average.items()} if average else None
         self._last_step = checkpoint.get("global_step", -1)
 

@@ -1,5 +1,5 @@
 """`last.ckpt`, rewritten at every validation, when training ends, and when a scheduler asks the job to stop
-before requeueing it (ldm/requeue.py): what `resume=auto` continues from.
+before requeueing it (ldm/run/requeue.py): what `resume=auto` continues from.
 
 Before each rewrite the current `last.ckpt` is kept as `previous.ckpt` (a hard link, so no copy is
 made, though the older weights stay on disk). If `last.ckpt` cannot be read (a disk fault, a copy cut
@@ -15,14 +15,12 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Checkpoint
 
-from ldm.checkpoint import CheckpointError, load_checkpoint
-from ldm.files import keep_copy, remove_partial_files
-from ldm.requeue import RequeueRequest, requeue_signal
+from ldm.run.requeue import RequeueRequest, requeue_signal
+from ldm.utils.checkpoint import LAST, PREVIOUS
+from ldm.utils.files import keep_copy, remove_partial_files
 
 log = logging.getLogger(__name__)
 
-LAST = "last.ckpt"
-PREVIOUS = "previous.ckpt"
 
 
 class LastCheckpoint(Checkpoint):
@@ -75,36 +73,3 @@ class LastCheckpoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         self._saved_step = checkpoint.get("global_step", -1)
-
-
-def fallback_order(dirpath: str | Path) -> list[Path]:
-    """The checkpoints to try in order: last.ckpt, then previous.ckpt and the best-by-metric ones, newest first."""
-    dirpath = Path(dirpath)
-    if not dirpath.is_dir():
-        return []
-    others = [path for path in dirpath.glob("*.ckpt") if path.name != LAST and path.is_file()]
-    # by when their contents were written (a hard link keeps the time of the write it shares)
-    others.sort(key=lambda path: path.stat().st_mtime_ns, reverse=True)
-    last = dirpath / LAST
-    return ([last] if last.is_file() else []) + others
-
-
-def newest_readable(dirpath: str | Path) -> tuple[Path, dict] | None:
-    """The first checkpoint of `fallback_order` that loads, and its contents; None when there is none at all.
-
-    Each unreadable one is skipped with a warning naming it and why; CheckpointError when none loads."""
-    skipped = []
-    for path in fallback_order(dirpath):
-        try:  # memory-mapped: finding the checkpoint must not read it whole before Lightning reads it again
-            checkpoint = load_checkpoint(path, mmap=True)
-        except CheckpointError as err:
-            skipped.append(str(err))
-            continue
-        for reason in skipped:
-            log.warning("skipping an unreadable checkpoint: %s; using %s (step %s) instead",
-                        reason, path, checkpoint.get("global_step", "?"))
-        return path, checkpoint
-    if skipped:
-        raise CheckpointError(f"no checkpoint in {dirpath} can be read:\n  " + "\n  ".join(skipped)
-                              + "\nmove them away to start this run over, or resume from another file")
-    return None

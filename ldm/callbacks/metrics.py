@@ -19,8 +19,9 @@ import torch
 
 from ldm.callbacks.ema import find_ema
 from ldm.evaluation.draw import CAPTION, Conditions, SamplingSettings, index_batches
-from ldm.evaluation.predict import score_batch
+from ldm.evaluation.sources import DrawnSamples, score_indices
 from ldm.evaluation.suites import build_run_suite, compose_metrics, dataset_metrics_option, split_captions
+from ldm.metrics.reference import compute_reference
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ class SampleMetrics(L.Callback):
 
     def _prepare(self, trainer, pl_module) -> None:
         """Build the suite, its reference and the conditions; no suite when this data set has no metrics."""
-        from ldm.metrics.reference import compute_reference
-
         datamodule = trainer.datamodule
         split = datamodule.train_set if self.reference == "train" else datamodule.val_set
         option = self.metrics or dataset_metrics_option(split)
@@ -107,22 +106,19 @@ class SampleMetrics(L.Callback):
         settings = SamplingSettings(self.sampler or pl_module.sampler, self.steps or pl_module.sample_steps,
                                     float(self.guidance if self.guidance is not None else pl_module.sample_guidance),
                                     seed=self.seed)
+        source = DrawnSamples(pl_module, self.conditions, settings, self.num_samples)
         for indices in index_batches(self.num_samples, self.batch_size, rank, world_size):
-            score_batch(pl_module, self.suite, self.conditions, settings, indices, kept, self.prompt_table)
+            score_indices(source, self.suite, indices, kept, self.prompt_table)
         scores = self.suite.compute()  # every rank takes part, and gets the numbers of all ranks' samples
         self.suite.reset()
         return scores
 
     def _log_prompts(self, trainer, kept: dict) -> None:
         """A wandb table prompt -> image of the first samples (text runs)."""
-        import numpy as np
-
-        indices = sorted(kept)
-        captions = self.conditions(indices)[CAPTION]
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):  # WandbLogger
-                import wandb
+                import wandb  # deferred: a heavy import, only for runs that log to wandb
 
                 rows = [[caption, wandb.Image(image[..., 0] if image.shape[-1] == 1 else image)]
-                        for caption, image in zip(captions, (np.asarray(kept[i]) for i in indices), strict=True)]
+                        for image, caption in (kept[i] for i in sorted(kept))]
                 logger.log_table(key="val/prompts", columns=["prompt", "image"], data=rows, step=trainer.global_step)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ldm.callbacks.ema import find_ema
-from ldm.noise import randn
+from ldm.utils.noise import randn
 
 
 def bin_edges(bins: int) -> list[float]:

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from ldm.images import log_image, make_grid, save_png, to_uint8
+from ldm.utils.images import log_image, make_grid, save_png, to_uint8
 
 
 class Reconstructions(L.Callback):

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from ldm.images import log_image, make_grid, save_png, to_uint8
+from ldm.utils.images import log_image, make_grid, save_png, to_uint8
 
 
 class SampleGrid(L.Callback):

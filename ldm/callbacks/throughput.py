@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput as Window
 from lightning.fabric.utilities.throughput import get_available_flops
+from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ def _first_item(batch: dict) -> dict:
 def denoiser_flops_per_image(module, batch: dict) -> int:
     """FLOPs of one training step of the denoiser on one image: forward and backward (gradients of the trainable
     weights), counted by `torch.utils.flop_counter` on the batch's first item."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     devices = [module.device.index or 0] if module.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the measurement must not move the run's random streams
         with torch.no_grad():

@@ -1,4 +1,4 @@
 from ldm.conditioners.conditioner import Conditioner
-from ldm.conditioners.conditioning import Conditioning
+from ldm.contracts.conditioning import Conditioning
 
 __all__ = ["Conditioner", "Conditioning"]

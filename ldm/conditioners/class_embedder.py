@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from ldm.conditioners.embedder import Embedder
+from ldm.weights.dit import read_class_table
+from ldm.weights.files import WeightsError
 
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names by index, as torchvision ships them (no download)."""
-    from torchvision.models import ResNet50_Weights
+    from torchvision.models import ResNet50_Weights  # deferred: torchvision loads only for class names
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
@@ -46,7 +48,7 @@ def class_indices(labels: list[int | str], names: list[str]) -> list[int]:
 class ClassEmbedder(Embedder):
     """A table of num_classes + 1 vectors, the null class last (the layout of DiT's class table).
 
-    `weights`: a DiT file (ldm.pretrained.dit) whose class table to start from. `class_names`: the key
+    `weights`: a DiT file (ldm.weights.dit) whose class table to start from. `class_names`: the key
     of a known list of names (`CLASS_NAMES`, e.g. "imagenet"), for `class_indices`.
     """
 
@@ -67,9 +69,6 @@ class ClassEmbedder(Embedder):
             self.load_table(weights)
 
     def load_table(self, path: str) -> None:
-        from ldm.pretrained.dit import read_class_table
-        from ldm.pretrained.files import WeightsError
-
         table = read_class_table(path)
         rows, width = self.embedding.weight.shape
         if table.shape != (rows, width):

@@ -16,9 +16,9 @@ from open_clip.model import _build_text_tower
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
 
 from ldm.conditioners.embedder import Embedder
-from ldm.errors import ConfigError
-from ldm.pretrained.clip_text import TextWeights, TextWeightsError, check_hf_config, quick_gelu_of, read_text_weights
-from ldm.pretrained.files import WeightsError, load_mapped
+from ldm.utils.errors import ConfigError
+from ldm.weights.clip_text import TextWeights, TextWeightsError, check_hf_config, quick_gelu_of, read_text_weights
+from ldm.weights.files import WeightsError, load_mapped
 
 _OVERRIDE_HINT = "conditioner.embedders.0.pretrained=/path/to/open_clip_model.safetensors"
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -283,7 +283,7 @@ def _cached_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
     if tag_cfg.get("file"):
         return tag_cfg["file"]
     if tag_cfg.get("hf_hub"):
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # deferred: the hub client, only for a named download
 
         repo, filenames = _hub_files(tag_cfg)
         for filename in filenames:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.conditioners.conditioning import Conditioning
 from ldm.conditioners.embedder import Embedder
-from ldm.data.batch import cached_outputs
-from ldm.noise import rand
+from ldm.contracts.batch import cached_outputs
+from ldm.contracts.conditioning import Conditioning
+from ldm.utils.noise import rand
 
 
 class Conditioner(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.conditioners.conditioning import FIELDS
+from ldm.contracts.conditioning import FIELDS
 
 
 class Embedder(nn.Module):

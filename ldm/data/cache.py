@@ -2,7 +2,7 @@
 
 Stored per item: the autoencoder's posterior (mean and std, so each step still draws a fresh latent)
 for every variant of the cacheable augmentations, and the outputs of every frozen embedder; the
-batch keys are those of ldm/data/batch.py. Only what is deterministic is stored: any other random
+batch keys are those of ldm/contracts/batch.py. Only what is deterministic is stored: any other random
 augmentation is refused. The file name hashes the data config, the data's content (when the
 dataset can describe it), the encoders' classes and weights, and CACHE_FORMAT, so a change to any
 of them builds a new file. Training from the cache reads the dataset's `metadata(i)`, never an image.
@@ -21,14 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from ldm.conditioners.conditioner import Conditioner
+from ldm.contracts.batch import IMAGE, LATENT_MEAN, LATENT_STD, condition_key
 from ldm.data import cache_file
-from ldm.data.batch import IMAGE, LATENT_MEAN, LATENT_STD, condition_key
 from ldm.data.cache_file import InvalidCache
-from ldm.fingerprint import update_with_module
+from ldm.utils.fingerprint import update_with_module
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ CACHEABLE = {"flip": (lambda image: image, TF.horizontal_flip)}
 
 def data_identity(data_cfg) -> dict:
     """The part of a data config that determines the data itself (what the cache key hashes)."""
-    from omegaconf import OmegaConf
-
     loading = {"batch_size", "val_batch_size", "global_batch_size", "num_workers", "cache", "cache_dir"}
     return {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in loading}
 

@@ -14,7 +14,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ldm.files import TEMP_SUFFIX, atomic_write
+from ldm.utils.files import TEMP_SUFFIX, atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.data.cache import cached_dataset
 from ldm.data.order import BatchShard, EpochShuffle
-from ldm.errors import ConfigError
+from ldm.utils.errors import ConfigError
 
 
 class DataModule(L.LightningDataModule):
@@ -35,8 +36,6 @@ class DataModule(L.LightningDataModule):
         """With `cache: true`, swap both splits for their cached versions (built once, then read)."""
         if not self.cache:
             return
-        from ldm.data.cache import cached_dataset
-
         self.train_set, self.val_set = (
             cached_dataset(dataset, split, data_config, autoencoder, conditioner, self.cache_dir,
                            num_workers=self.num_workers, device=device)

@@ -16,7 +16,7 @@ SPLIT_SEED = 0
 @lru_cache(maxsize=1)
 def load_digits_8x8() -> tuple[np.ndarray, np.ndarray]:
     """All digits as float images (N, 8, 8) in [0, 16] and labels (N,)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: scikit-learn is slow to import
 
     data = load_digits()
     return data.images.astype(np.float32), data.target.astype(np.int64)

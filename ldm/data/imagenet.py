@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.folder import IMAGE_EXTENSIONS
-from ldm.errors import UserError
+from ldm.utils.errors import UserError
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:

@@ -38,7 +38,7 @@ from ldm.data.cache import (
     stored_keys,
 )
 from ldm.data.cache_file import InvalidCache, build_once, remove
-from ldm.files import restored_environment, temporary_name
+from ldm.utils.files import restored_environment, temporary_name
 
 #: bump when what a shard item holds or how the directory is laid out changes: older ones are rebuilt
 SHARD_FORMAT = 1

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
-from ldm.data.batch import LATENT_MEAN
+from ldm.contracts.batch import LATENT_MEAN
 from ldm.data.datamodule import DataModule
 from ldm.data.shards import INDEX_KEY, Shards, shard_cache
-from ldm.errors import ConfigError
+from ldm.utils.errors import ConfigError
 
 STREAM = "stream"
 STATE_KEY = "stream"  # the training loader's litdata state, in the datamodule's checkpoint entry

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ldm.diffusion import step_seed
-from ldm.errors import UserError
 from ldm.samplers.guidance import classifier_free_guidance
+from ldm.utils.errors import ConfigError, UserError
+from ldm.utils.noise import step_seed
 
 LABEL, CAPTION = "label", "caption"  # the condition inputs an evaluation can give
+
+
+def requested_prompts(cfg) -> list[str] | None:
+    """The captions a command asks for: `prompts_file=` (one per line) or `prompts=`, else None."""
+    if cfg.prompts_file:
+        prompts = [line.strip() for line in Path(cfg.prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError([f"prompts_file={cfg.prompts_file} holds no prompt (one per line)"])
+        return prompts
+    return list(cfg.prompts) if cfg.prompts is not None else None
 
 
 def sample_seed(seed: int, index: int) -> int:

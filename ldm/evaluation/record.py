@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.files import atomic_write
+from ldm.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def log_wandb(settings: DictConfig, out_dir: Path, group: str | None, name: str 
     mode = settings.get("mode") or os.environ.get("WANDB_MODE", "offline")
     if mode == "disabled":
         return None
-    import wandb
+    import wandb  # deferred: heavy, only when logging to wandb
 
     run = wandb.init(project=settings.get("project", "ldm"), group=group, name=name, job_type="evaluate",
                      dir=str(out_dir), mode=mode, config=provenance, reinit="finish_previous")
@@ -74,7 +74,7 @@ def log_wandb(settings: DictConfig, out_dir: Path, group: str | None, name: str 
 
 def prompt_table(prompts: list[str], images: np.ndarray):
     """A wandb table of prompt -> image, (N, H, W, C) uint8 images."""
-    import wandb
+    import wandb  # deferred: heavy, only when logging to wandb
 
     table = wandb.Table(columns=["prompt", "image"])
     for prompt, image in zip(prompts, images, strict=True):

@@ -1,18 +1,26 @@
-"""The three things `evaluate.py` scores: a run's samples (or a preset's), a sample file, and real images."""
+"""`evaluate.py` as one flow: the config is resolved once into an `Evaluation` (the image source, the metric
+suite with its reference statistics, the run's config), then one loop scores the source through `trainer.predict`,
+whichever it is: samples drawn from a run or preset, a sample file, or a split of real images."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import lightning as L
 import numpy as np
 import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
-from ldm.evaluation.draw import CAPTION, LABEL, Conditions, SamplingSettings
-from ldm.evaluation.predict import SampleEvaluation
+from ldm.evaluation.draw import CAPTION, Conditions, SamplingSettings, index_batches, requested_prompts
 from ldm.evaluation.record import log_wandb, training_group, write_metrics
+from ldm.evaluation.sources import DrawnSamples, RealImages, SampleFile, score_indices
 from ldm.evaluation.suites import (
     build_run_suite,
     compose_data,
@@ -21,107 +29,113 @@ from ldm.evaluation.suites import (
     set_reference,
     split_captions,
 )
-from ldm.images import make_grid, save_png, to_uint8
+from ldm.run.build import build_diffusion, resolve_precision
+from ldm.run.load import condition_inputs, preset_sampling, read_run_config, run_checkpoint, sampling_config
+from ldm.utils.checkpoint import EMA_KEY
+from ldm.utils.config import CONF
+from ldm.utils.images import make_grid, save_png
 
 log = logging.getLogger(__name__)
 
 
-def score_run(cfg: DictConfig) -> dict[str, float]:
-    """Samples of the run (or preset) with its EMA weights, through `trainer.predict` on `cfg.devices`."""
-    from ldm.sampling import sampling_config
+@dataclass
+class Evaluation:
+    """What one evaluation scores and against what, resolved from its config before any image is made."""
 
+    source: DrawnSamples | SampleFile | RealImages
+    suite: torch.nn.Module
+    run_cfg: DictConfig | None
+    data_cfg: DictConfig
+    provenance: dict
+
+
+def resolve(cfg: DictConfig) -> Evaluation:
+    """The image source `cfg` names (samples=, real=, else the run's or preset's samples), its suite and reference."""
+    if cfg.samples is not None:
+        source = SampleFile(cfg.samples)
+        run_cfg = read_run_config(cfg.run, cfg.trusted_targets or ()) if cfg.run is not None else None
+        data_cfg = run_cfg.data if run_cfg is not None else compose_data(
+            cfg.reference_data or ("shapes" if source.prompts is not None else "digits"))
+        suite = run_suite(cfg, data_cfg, source.keys)
+        set_reference(suite, data_cfg, cfg.reference)
+        provenance = {"samples": str(Path(cfg.samples).resolve()), "n": source.count,
+                      "reference_split": cfg.reference, "data": OmegaConf.select(data_cfg, "train._target_"),
+                      "run": str(Path(cfg.run).resolve()) if cfg.run is not None else None}
+        return Evaluation(source, suite, run_cfg, data_cfg, provenance)
     run_cfg = sampling_config(cfg)
+    if cfg.real is not None:
+        keys = list(condition_inputs(run_cfg))
+        suite = run_suite(cfg, run_cfg.data, keys)
+        set_reference(suite, run_cfg.data, cfg.reference)
+        dataset = reference_dataset(run_cfg.data, cfg.real)
+        autoencoder = build_model(cfg, run_cfg)[0].autoencoder if cfg.get("reconstruct") else None
+        source = RealImages(dataset, keys, cfg.n, autoencoder)
+        provenance = {"real": cfg.real, "reconstructed": autoencoder is not None, "n": source.count,
+                      "reference_split": cfg.reference, **_source(cfg, run_cfg)}
+        return Evaluation(source, suite, run_cfg, run_cfg.data, provenance)
     module, checkpoint = build_model(cfg, run_cfg)
     settings = sampling_settings(cfg, module)
     keys = module.conditioner.input_keys
     suite = run_suite(cfg, run_cfg.data, keys)
     reference_set = reference_dataset(run_cfg.data, cfg.reference)
     set_reference(suite, run_cfg.data, cfg.reference, reference_set)
-    conditions = Conditions(keys, run_cfg.data.get("num_classes"), _prompts(cfg) or _captions(keys, reference_set),
+    captions = requested_prompts(cfg) or (split_captions(reference_set) if CAPTION in keys else None)
+    conditions = Conditions(keys, run_cfg.data.get("num_classes"), captions,
                             list(cfg.labels) if cfg.labels is not None else None)
-    task = SampleEvaluation(module, suite, conditions, settings, cfg.n, cfg.batch_size, cfg.keep)
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                        precision=_precision(cfg.precision, cfg.accelerator), logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False,
-                        default_root_dir=cfg.paths.output_dir)
+    provenance = {**settings.record(), "sampler_name": _sampler_name(settings.sampler), "n": cfg.n,
+                  "batch_size": cfg.batch_size, "reference_split": cfg.reference, **_source(cfg, run_cfg),
+                  **checkpoint}
+    return Evaluation(DrawnSamples(module, conditions, settings, cfg.n), suite, run_cfg, run_cfg.data, provenance)
+
+
+class SourceScoring(L.LightningModule):
+    """The scoring loop: images 0..count-1 of the source in batches, split over devices, into the suite; keeps
+    the first `keep` as uint8 images (with their captions)."""
+
+    def __init__(self, evaluation: Evaluation, batch_size: int, keep: int = 100):
+        super().__init__()
+        self.source, self.suite = evaluation.source, evaluation.suite
+        self.model = evaluation.source.module  # moved to the device with the suite (None for a sample file)
+        self.batch_size, self.keep = batch_size, keep
+        self.kept: dict[int, tuple] = {}
+
+    def predict_dataloader(self) -> DataLoader:
+        batches = index_batches(self.source.count, self.batch_size, self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader([torch.tensor(batch) for batch in batches], batch_size=None)
+
+    def predict_step(self, indices: torch.Tensor, batch_idx: int) -> int:
+        score_indices(self.source, self.suite, indices.tolist(), self.kept, self.keep)
+        if self.global_rank == 0:  # a line per batch: visible in a piped log too
+            log.info("scored %d/%d (rank 0 of %d)", int(indices[-1]) + 1, self.source.count // self.trainer.world_size,
+                     self.trainer.world_size)
+        return len(indices)  # what the prediction loop collects; the images went into the suite
+
+
+def score(cfg: DictConfig) -> dict[str, float]:
+    """Resolve `cfg`, score its source in one predict loop, and write metrics.json, samples.png and the wandb run."""
+    evaluation = resolve(cfg)
+    task = SourceScoring(evaluation, cfg.batch_size, cfg.keep)
+    # drawing runs in the configured precision; files and real images are scored as they are, in float32
+    precision = resolve_precision(cfg.precision, str(cfg.accelerator)) if evaluation.source.uses_precision \
+        else "32-true"
+    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=precision,
+                        logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, use_distributed_sampler=False, default_root_dir=cfg.paths.output_dir)
     trainer.predict(task, return_predictions=False)
-    scores = suite.compute()  # every rank takes part: the metric states are summed / gathered over ranks
+    scores = evaluation.suite.compute()  # every rank takes part: the metric states are summed / gathered over ranks
     if trainer.is_global_zero:
-        provenance = {**suite.provenance(), **settings.record(), "sampler_name": _sampler_name(settings.sampler),
-                      "n": cfg.n, "batch_size": cfg.batch_size, "world_size": trainer.world_size,
-                      "reference_split": cfg.reference, **_source(cfg, run_cfg), **checkpoint}
-        images = task.kept_images()
-        asked = conditions(list(range(len(images)))) if images is not None else {}
-        finish(cfg, run_cfg, scores, provenance, images, asked.get(CAPTION), per_row=run_cfg.data.get("num_classes"))
-    return scores
-
-
-def score_samples_file(cfg: DictConfig) -> dict[str, float]:
-    """A sample file of sample.py (images, labels or prompts) against the reference of the run or `reference_data`."""
-    from ldm.sampling import run_config
-
-    samples = np.load(cfg.samples, allow_pickle=False)
-    labels = samples["labels"] if "labels" in samples.files else None
-    prompts = [str(p) for p in samples["prompts"]] if "prompts" in samples.files else None
-    if labels is not None and (labels < 0).any():
-        labels = None  # unconditional samples (-1): nothing was asked
-    run_cfg = run_config(cfg.run, cfg.trusted_targets or ()) if cfg.run is not None else None
-    data_cfg = run_cfg.data if run_cfg is not None else compose_data(
-        cfg.reference_data or ("shapes" if prompts is not None else "digits"))
-    keys = [key for key, given in ((LABEL, labels), (CAPTION, prompts)) if given is not None]
-    suite = run_suite(cfg, data_cfg, keys)
-    set_reference(suite, data_cfg, cfg.reference)
-    images = samples["images"]
-    for start in range(0, len(images), cfg.batch_size):
-        part = slice(start, start + cfg.batch_size)
-        suite.update(images[part], real=False, labels=labels[part] if labels is not None else None,
-                     captions=prompts[part] if prompts is not None else None)
-    scores = suite.compute()
-    provenance = {**suite.provenance(), "samples": str(Path(cfg.samples).resolve()), "n": len(images),
-                  "reference_split": cfg.reference, "data": OmegaConf.select(data_cfg, "train._target_"),
-                  "run": str(Path(cfg.run).resolve()) if cfg.run is not None else None}
-    shown = images[: cfg.keep]
-    finish(cfg, run_cfg, scores, provenance, shown, prompts[: cfg.keep] if prompts else None,
-           per_row=data_cfg.get("num_classes"))
-    return scores
-
-
-def score_real(cfg: DictConfig) -> dict[str, float]:
-    """The first `n` real images of split `cfg.real`, each asking for its own label or caption: the floor."""
-    from ldm.sampling import condition_inputs, sampling_config
-
-    run_cfg = sampling_config(cfg)
-    keys = list(condition_inputs(run_cfg))
-    suite = run_suite(cfg, run_cfg.data, keys)
-    set_reference(suite, run_cfg.data, cfg.reference)
-    dataset = reference_dataset(run_cfg.data, cfg.real)
-    count = min(cfg.n, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=cfg.batch_size)
-    # a latent model can do no better than its autoencoder: its reconstructions of real images are its floor
-    autoencoder = build_model(cfg, run_cfg)[0].autoencoder if cfg.get("reconstruct") else None
-    shown = []
-    for batch in loader:
-        images = batch["image"]
-        if autoencoder is not None:
-            with torch.no_grad():
-                images = autoencoder.decode(autoencoder.encode(images, sample=False)).clamp(-1, 1)
-        suite.update(images, real=False, labels=batch.get(LABEL) if LABEL in keys else None,
-                     captions=batch.get(CAPTION) if CAPTION in keys else None)
-        shown.append(to_uint8(images[: cfg.keep - sum(map(len, shown))]))
-    scores = suite.compute()
-    provenance = {**suite.provenance(), "real": cfg.real, "reconstructed": autoencoder is not None, "n": count,
-                  "reference_split": cfg.reference, **_source(cfg, run_cfg)}
-    finish(cfg, run_cfg, scores, provenance, np.concatenate(shown), None, per_row=run_cfg.data.get("num_classes"))
+        provenance = {**evaluation.suite.provenance(), **evaluation.provenance, "world_size": trainer.world_size}
+        kept = [task.kept[i] for i in sorted(task.kept)]
+        images = np.stack([image for image, _ in kept]) if kept else None
+        captions = [caption for _, caption in kept] if kept and kept[0][1] is not None else None
+        finish(cfg, evaluation.run_cfg, scores, provenance, images, captions,
+               per_row=evaluation.data_cfg.get("num_classes"))
     return scores
 
 
 def build_model(cfg: DictConfig, run_cfg: DictConfig):
     """The module to sample from, and what it was loaded from: the checkpoint's EMA weights (raw ones before the
     EMA started), a preset's weight files, or `checkpoint=init`, the untrained weights of the run's seed."""
-    from ldm.build import build_diffusion
-    from ldm.callbacks.ema import CHECKPOINT_KEY
-    from ldm.sampling import preset_sampling, run_checkpoint
-
     if preset_sampling(cfg):
         return build_diffusion(run_cfg).eval(), {"checkpoint": None}
     with torch.random.fork_rng(devices=[]):
@@ -132,7 +146,7 @@ def build_model(cfg: DictConfig, run_cfg: DictConfig):
     weights = run_checkpoint(Path(cfg.run), cfg.checkpoint)
     module.load_checkpoint(weights, ema=True)
     return module.eval(), {"checkpoint": cfg.checkpoint, "checkpoint_step": int(weights.get("global_step", -1)),
-                           "ema": bool(weights.get(CHECKPOINT_KEY))}
+                           "ema": bool(weights.get(EMA_KEY))}
 
 
 def run_suite(cfg: DictConfig, data_cfg: DictConfig, keys):
@@ -141,8 +155,6 @@ def run_suite(cfg: DictConfig, data_cfg: DictConfig, keys):
 
 
 def sampling_settings(cfg: DictConfig, module) -> SamplingSettings:
-    import hydra
-
     sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else module.sampler
     return SamplingSettings(sampler, cfg.steps if cfg.steps is not None else module.sample_steps,
                             float(cfg.guidance if cfg.guidance is not None else module.sample_guidance),
@@ -166,40 +178,17 @@ def finish(cfg: DictConfig, run_cfg: DictConfig | None, scores: dict, provenance
               images if prompts is not None else None)
 
 
-def _prompts(cfg: DictConfig) -> list[str] | None:
-    if cfg.prompts_file:
-        return [line.strip() for line in Path(cfg.prompts_file).read_text().splitlines() if line.strip()]
-    return list(cfg.prompts) if cfg.prompts is not None else None
-
-
-def _captions(keys, reference_set) -> list[str] | None:
-    return split_captions(reference_set) if CAPTION in keys else None
-
-
 def _source(cfg: DictConfig, run_cfg: DictConfig) -> dict:
     return {"run": str(Path(cfg.run).resolve()) if cfg.get("run") is not None else None, "preset": cfg.get("preset"),
             "data": OmegaConf.select(run_cfg, "data.train._target_")}
 
 
-def _precision(precision, accelerator):
-    from ldm.build import resolve_precision
-
-    return resolve_precision(precision, str(accelerator))
-
-
 def _hydra():
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
 def _sampler_name(sampler) -> str:
     """The conf/sampler option that builds this sampler's class (`heun`), else the class name."""
-    import yaml
-    from hydra.utils import get_class
-
-    from ldm.presets import CONF
-
     for path in sorted((CONF / "sampler").glob("*.yaml")):
         target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
         if target and get_class(target) is type(sampler):

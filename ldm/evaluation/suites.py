@@ -10,9 +10,16 @@ import logging
 from collections.abc import Sequence
 
 import hydra
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from ldm.errors import ConfigError
+from ldm.data.cache import data_identity
+from ldm.utils.config import CONF
+from ldm.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +43,6 @@ def dataset_metrics_option(dataset) -> str | None:
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """A config of this project's conf/ composed with `overrides`, inside a running Hydra app or not."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ldm.presets import CONF
 
     try:
         if GlobalHydra.instance().is_initialized():  # inside a Hydra app of this project: the same conf/
@@ -54,8 +54,6 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def options(group: str) -> list[str]:
-    from ldm.presets import CONF
-
     return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
 
 
@@ -115,8 +113,6 @@ def reference_dataset(data_cfg: DictConfig, split: str):
 
 def set_reference(suite, data_cfg: DictConfig, split: str, dataset=None) -> None:
     """Give `suite` the cached statistics of the run's `split` (computed and stored on first use)."""
-    from ldm.data.cache import data_identity
-
     dataset = dataset if dataset is not None else reference_dataset(data_cfg, split)
     suite.set_reference(suite.load_reference(dataset, split, data_identity(data_cfg)))
 

@@ -12,6 +12,7 @@ evaluates a doubled batch in each call and does not change it (`network_batches_
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ldm.evaluation.record import METRICS_FILE, read_metrics
@@ -69,7 +70,7 @@ def _cell(value) -> str:
 
 def plot_quality_vs_nfe(rows: list[dict], metric: str, ax=None):
     """`metric` against NFE, a line per sampler; rows without NFE (real images, sample files) as dashed levels."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy, only for plots / wandb
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
@@ -103,10 +104,10 @@ def default_metric(rows: list[dict]) -> str:
 
 
 def write_plot(rows: list[dict], metric: str, path: str | Path) -> Path:
-    import matplotlib
+    import matplotlib  # deferred: heavy, only for plots / wandb
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy, only for plots / wandb
 
     ax = plot_quality_vs_nfe(rows, metric)
     ax.figure.tight_layout()
@@ -117,9 +118,8 @@ def write_plot(rows: list[dict], metric: str, path: str | Path) -> Path:
 
 def log_wandb(rows: list[dict], plot: Path, directory: Path, project: str = "ldm") -> None:
     """The table and the curve as one wandb run in the evaluations' group (offline unless WANDB_MODE says)."""
-    import os
 
-    import wandb
+    import wandb  # deferred: heavy, only for plots / wandb
 
     group = next((row["group"] for row in rows if row.get("group")), None)
     columns = [*FIRST_COLUMNS, *metric_names(rows)]

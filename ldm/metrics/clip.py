@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ldm.metrics.features import FeatureBackend, require_weights, resize, rgb
-from ldm.pretrained.files import WeightsError
+from ldm.weights.files import WeightsError
 
 SOURCE = "an open_clip checkpoint of the model named by metrics.clip_model (open_clip_model.safetensors or .bin)"
 
@@ -23,7 +23,7 @@ class ClipFeatures(FeatureBackend):
 
     def __init__(self, weights: str | Path | None = None, model_name: str = "ViT-B-32", vision_cfg: dict | None = None,
                  text_cfg: dict | None = None, embed_dim: int | None = None):
-        import open_clip
+        import open_clip  # deferred: open_clip is heavy, only for this backend
 
         path = require_weights(weights, self.name, "open_clip_model.safetensors", SOURCE)
         super().__init__(path, {"model_name": model_name})

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.metrics.features import FeatureBackend, require_weights, resize, rgb
-from ldm.pretrained.files import WeightsError, load_mapped, read_state_dict
+from ldm.weights.files import WeightsError, load_mapped, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

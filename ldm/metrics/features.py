@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.errors import UserError
-from ldm.pretrained.files import WeightsError
+from ldm.utils.errors import UserError
+from ldm.weights.files import WeightsError
 
 
 def unit_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -35,7 +35,7 @@ def unit_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
         raise UserError(f"images must be float in [-1, 1] or uint8, got {x.dtype}")
     if x.shape[1] not in (1, 3):
         raise UserError(f"float images must be (N, C, H, W) with 1 or 3 channels, got shape {tuple(x.shape)}")
-    # the same rounding as ldm.images.to_uint8, which writes sample grids and files
+    # the same rounding as ldm.utils.images.to_uint8, which writes sample grids and files
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ldm.metrics.features import FeatureBackend, require_weights, rgb
-from ldm.pretrained.files import WeightsError, read_state_dict
+from ldm.weights.files import WeightsError, read_state_dict
 
 #: the file torch-fidelity and pytorch-fid read (the same tensors under both names)
 PUBLISHED_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -30,6 +30,7 @@ class InceptionFeatures(FeatureBackend):
         # torch-fidelity reads the file with weights_only=False; reading it first with weights_only=True
         # refuses a file that holds anything but tensors before that happens
         read_state_dict(path)
+        # deferred: torch-fidelity, only for this backend
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         try:

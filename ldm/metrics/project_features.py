@@ -1,4 +1,4 @@
-"""Feature networks the project trains on its own data (`python -m ldm.metrics.train_features`) and ships.
+"""Feature networks the project trains on its own data (`python -m ldm.tools.train_features`) and ships.
 
 One small CNN per data set, a classifier with a linear head per attribute (digits: the label; shapes:
 shape, color, position, size); the heads judge whether a sample shows what its label or caption asked
@@ -17,9 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ldm.errors import UserError
+from ldm.data.shapes import parse_caption
 from ldm.metrics.features import FeatureBackend, resize
-from ldm.pretrained.files import WeightsError, load_mapped
+from ldm.utils.errors import UserError
+from ldm.weights.files import WeightsError, load_mapped
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: per data set: image channels and the classifier heads (attribute -> number of classes)
@@ -83,7 +84,7 @@ def read_feature_net(path: Path) -> tuple[FeatureNet, dict[str, str]]:
             state = {key: file.get_tensor(key) for key in file.keys()}
         arch = json.loads(metadata["architecture"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
-        raise WeightsError(f"{path} is not a feature network written by `python -m ldm.metrics.train_features` "
+        raise WeightsError(f"{path} is not a feature network written by `python -m ldm.tools.train_features` "
                            f"({type(err).__name__}: {err}); rebuild it with that command") from err
     net = FeatureNet(arch["channels"], arch["heads"], tuple(arch["widths"]), arch["image_size"])
     load_mapped(net, state, path)
@@ -99,7 +100,7 @@ class ProjectFeatures(FeatureBackend):
         path = Path(weights).expanduser() if weights is not None else WEIGHTS_DIR / f"{name}.safetensors"
         if not path.is_file():
             raise WeightsError(f"feature network {path} does not exist: build it with "
-                               "`python -m ldm.metrics.train_features` (make features)")
+                               "`python -m ldm.tools.train_features` (make features)")
         super().__init__(path)
         self.name = name
         self.network, metadata = read_feature_net(path)
@@ -149,8 +150,6 @@ class ProjectFeatures(FeatureBackend):
         if self.name == "digits" and labels is not None:
             return {"label": torch.as_tensor(labels).long().reshape(-1)}
         if self.name == "shapes" and captions is not None:
-            from ldm.data.shapes import parse_caption
-
             parsed = [parse_caption(str(caption)) for caption in captions]
             return {name: torch.tensor([p[name] for p in parsed]) for name in self.heads}
         return None

@@ -18,15 +18,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.errors import ConfigError, UserError
 from ldm.metrics.attributes import AttributeAccuracy
+from ldm.metrics.clip import ClipFeatures
 from ldm.metrics.clip_score import ClipScore
+from ldm.metrics.dinov2 import DinoV2Features
 from ldm.metrics.features import FeatureBackend, unit_images
 from ldm.metrics.frechet import compute_with_reference, frechet_metric
+from ldm.metrics.inception import InceptionFeatures
 from ldm.metrics.kept_features import KeptFeatures
 from ldm.metrics.kid import kernel_distance
 from ldm.metrics.precision_recall import NEAREST_K, manifold_metrics
+from ldm.metrics.project_features import ProjectFeatures
 from ldm.metrics.reference import Reference, load_or_compute_reference
+from ldm.utils.errors import ConfigError, UserError
 
 METRICS = ("fd", "kid", "precision_recall", "density_coverage", "clip_score", "accuracy")
 BACKENDS = ("digits", "shapes", "inception", "dinov2", "clip")
@@ -169,20 +173,12 @@ def build_backend(backend: str = "digits", weights: dict | None = None, clip_mod
     """The feature network named by `metrics.backend`, from `metrics.weights.<backend>` (shipped ones when unset)."""
     path = (weights or {}).get(backend)
     if backend in ("digits", "shapes"):
-        from ldm.metrics.project_features import ProjectFeatures
-
         return ProjectFeatures(backend, path)
     if backend == "inception":
-        from ldm.metrics.inception import InceptionFeatures
-
         return InceptionFeatures(path)
     if backend == "dinov2":
-        from ldm.metrics.dinov2 import DinoV2Features
-
         return DinoV2Features(path, image_size=dinov2_image_size)
     if backend == "clip":
-        from ldm.metrics.clip import ClipFeatures
-
         return ClipFeatures(path, model_name=clip_model)
     raise ConfigError([f"metrics.backend={backend}: unknown feature network; choose one of {', '.join(BACKENDS)}"])
 

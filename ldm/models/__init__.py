@@ -1,6 +1,6 @@
 """Denoisers: `DiT` and `UNet`, both called as `denoiser(x, t, cond)`."""
 
-from ldm.models.contract import check_conditioning
+from ldm.contracts.denoiser import check_conditioning
 from ldm.models.dit import DiT
 from ldm.models.unet import UNet
 

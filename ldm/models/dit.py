@@ -11,8 +11,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ldm.conditioners.conditioning import Conditioning
-from ldm.models.contract import check_conditioning, consumed_fields
+from ldm.contracts.conditioning import Conditioning
+from ldm.contracts.denoiser import check_conditioning, consumed_fields
 from ldm.models.layers import (
     AdaLNModulation,
     Attention,
@@ -27,6 +27,7 @@ from ldm.models.layers import (
     vector_embedder,
     zero_init,
 )
+from ldm.weights.dit import load_dit
 
 POS_EMBED_LAYOUTS = ("row_cos_sin", "col_sin_cos")
 
@@ -106,7 +107,7 @@ class DiT(nn.Module):
     `learn_sigma`: the network has twice the output channels, as the published DiT checkpoints
     (epsilon, then the variance interpolation); `forward` returns the epsilon half and drops the
     variance half, which the first-order samplers here do not use. `weights`: a DiT checkpoint (the
-    published `.pt` or a diffusers directory, see ldm.pretrained.dit), loaded after initialization.
+    published `.pt` or a diffusers directory, see ldm.weights.dit), loaded after initialization.
     `compile`: torch.compile each block (in place, so parameter names do not change).
     """
 
@@ -147,8 +148,6 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels * (2 if learn_sigma else 1))
         self.initialize_weights()
         if weights:
-            from ldm.pretrained.dit import load_dit
-
             load_dit(self, weights)
 
     def initialize_weights(self) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.errors import ConfigError
+from ldm.utils.errors import ConfigError
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -33,11 +33,11 @@ def compile_problem(device: torch.device) -> str | None:
     if not torch._dynamo.is_dynamo_supported():
         return f"torch.compile does not support Python {sys.version.split()[0]} on {sys.platform}"
     if device.type == "cuda":
-        from torch.utils._triton import has_triton
+        from torch.utils._triton import has_triton  # deferred: torch's compiler stack is heavy
 
         return None if has_triton() else "its CUDA kernels need Triton, which is not installed"
     if device.type == "cpu":
-        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.cpp_builder import get_cpp_compiler  # deferred: torch's compiler stack is heavy
 
         try:
             get_cpp_compiler()

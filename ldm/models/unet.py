@@ -6,7 +6,7 @@ downsampling factor is in `attention_resolutions`: spatial transformers with cro
 text tokens when `context_dim` is set, plain self-attention otherwise. With `use_scale_shift_norm:
 false`, `num_heads: 8` (SD-1.x) or `num_head_channels: 64` and `use_linear_projection: true` (SD-2.x)
 it has the layout of Stable Diffusion's UNet, and `weights` loads its published weights
-(ldm/pretrained/unet.py).
+(ldm/weights/unet.py).
 
 Every block takes `(x, emb, context, mask)` and ignores what it does not need, so that a stage of
 blocks runs (and is checkpointed) uniformly.
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.conditioners.conditioning import Conditioning
-from ldm.models.contract import check_conditioning, consumed_fields
+from ldm.contracts.conditioning import Conditioning
+from ldm.contracts.denoiser import check_conditioning, consumed_fields
 from ldm.models.layers import (
     Attention,
     FeedForward,
@@ -31,6 +31,7 @@ from ldm.models.layers import (
     vector_embedder,
     zero_init,
 )
+from ldm.weights.unet import load_unet
 
 
 def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
@@ -184,7 +185,7 @@ class UNet(nn.Module):
         self.compile_layers = compile  # done at the first forward, which knows the device
         self.consumes = consumed_fields(vector_dim, context_dim, concat_channels)
         attention_resolutions = set(attention_resolutions)
-        # the architecture, as the weight readers and writers of ldm/pretrained/unet.py need it
+        # the architecture, as the weight readers and writers of ldm/weights/unet.py need it
         self.settings = dict(
             in_channels=in_channels, out_channels=self.out_channels, channels=channels,
             channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
@@ -243,8 +244,6 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(width), nn.SiLU(),
                                  zero_init(nn.Conv2d(width, self.out_channels, 3, padding=1)))
         if weights is not None:
-            from ldm.pretrained.unet import load_unet  # the reader imports this module's blocks
-
             load_unet(self, weights)
         if channels_last:  # loading copies into these tensors, so weights loaded later keep the layout
             self.to(memory_format=torch.channels_last)

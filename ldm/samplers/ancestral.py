@@ -5,9 +5,9 @@ mean = r (sigma_s / sigma_t) x_t + alpha_s (1 - r^2) x0,  variance = sigma_s^2 (
 which for VP is DDPM's posterior with variance beta-tilde (hence the old name `ddpm`).
 """
 
-from ldm.noise import randn
 from ldm.samplers.base import Sampler, intervals, report
 from ldm.schedules.base import expand_as
+from ldm.utils.noise import randn
 
 
 def posterior(parameterization, t, t_next):

@@ -4,10 +4,10 @@ x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) noise_hat + c z, c = eta * posterio
 q(x_s | x_t, x0). eta = 0 is Euler (DDIM); eta = 1 samples the same posterior as `ancestral`.
 """
 
-from ldm.noise import randn
 from ldm.samplers.ancestral import posterior
 from ldm.samplers.base import Sampler, intervals, report
 from ldm.schedules.base import expand_as
+from ldm.utils.noise import randn
 
 
 class EulerAncestral(Sampler):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm.conditioners.conditioning import Conditioning
+from ldm.contracts.conditioning import Conditioning
 
 Tensor = torch.Tensor
 

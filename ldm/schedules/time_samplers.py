@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm.noise import generator_device, rand, randn
+from ldm.utils.noise import generator_device, rand, randn
 
 Tensor = torch.Tensor
 

@@ -1,0 +1,1 @@
+"""First stages: the KL-VAE, pixel identity and published VAEs."""

@@ -1,3 +1,0 @@
-from ldm.bench.cli import main
-
-main()

@@ -1,0 +1,217 @@
+"""The composed training config checked before anything is built: types, ranges and cross-group consistency.
+
+`check_training(cfg)` raises one `ConfigError` that lists every problem, one line each naming the key,
+the value and what would be right. It reads only the config and cheap facts (a data set's declared
+classes and item keys, a weight file's header); it never builds a model.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checks.data import data_problems
+from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
+from ldm.checks.keys import check_config
+from ldm.checks.run_dir import resume_problems
+from ldm.run.tasks import TASKS
+from ldm.tasks.autoencoder import AutoencoderTraining
+from ldm.tasks.diffusion import LatentDiffusion
+from ldm.utils.errors import ConfigError
+
+
+def trainer_problems(found: Findings) -> None:
+    fast_dev_run = found.value("trainer.fast_dev_run", False)
+    max_steps = found.integer("trainer.max_steps", minimum=-1, hint="use a positive number of optimizer steps, "
+                                                                    "or -1 (no limit) with trainer.max_time")
+    if max_steps == 0 and not fast_dev_run:
+        found.add("trainer.max_steps=0 trains nothing and leaves no checkpoint: use a positive number of steps, "
+                  "e.g. trainer.max_steps=2500")
+    interval = found.value("trainer.val_check_interval")
+    if is_int(interval):
+        if interval < 1:
+            found.add(f"trainer.val_check_interval={interval} must be a positive number of steps, "
+                      "e.g. trainer.val_check_interval=500")
+        elif is_int(max_steps) and 0 < max_steps < interval and not fast_dev_run:
+            found.add(f"trainer.val_check_interval={interval} is larger than trainer.max_steps={max_steps}: the run "
+                      f"would never validate (no val/loss, no sample grid); use at most {max_steps}, "
+                      f"e.g. trainer.val_check_interval={max_steps}")
+    elif is_number(interval) and not 0 < interval <= 1:
+        found.add(f"trainer.val_check_interval={interval}: a float is a fraction of an epoch and must be in (0, 1]; "
+                  "give whole steps as an int, e.g. trainer.val_check_interval=500")
+
+
+# Lightning strategies whose ranks train copies made by fork / spawn: the main process never sees their EMA
+# or their last checkpoint, and would draw the final grid with the untrained weights it kept
+SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+# callbacks that need whole parameters on rank 0 (FSDP keeps only a shard of each on every rank)
+WHOLE_PARAMETER_CALLBACKS = {"ldm.callbacks.ema.EMA": "averages whole parameters and saves them from rank 0",
+                             "ldm.callbacks.sample_grid.SampleGrid": "samples on rank 0 alone",
+                             "ldm.callbacks.reconstructions.Reconstructions": "decodes on rank 0 alone",
+                             "ldm.callbacks.noise_levels.NoiseLevelLoss": "runs the denoiser on rank 0 alone",
+                             "ldm.callbacks.metrics.SampleMetrics": "samples with unequal shares per rank, and "
+                                                                    "with the EMA weights"}
+
+
+def strategy_problems(found: Findings) -> None:
+    """Multi-process strategies that this project cannot run correctly, refused with what to use instead."""
+    strategy = found.value("trainer.strategy", "auto")
+    if not isinstance(strategy, str):
+        return
+    if strategy.startswith(SPAWNING_STRATEGIES):
+        found.add(f"trainer.strategy={strategy} trains copies of the model in forked or spawned processes, whose EMA "
+                  "and last checkpoint the main process never sees: use trainer.strategy=ddp (trainer=ddp), which "
+                  "starts every rank with the job's own config")
+    if not strategy.startswith("fsdp"):
+        return
+    if found.value("trainer.accelerator") == "cpu":
+        found.add(f"trainer.strategy={strategy} needs GPUs (torch's FSDP and Lightning refuse CPU devices): on CPUs "
+                  "use trainer=ddp trainer.accelerator=cpu")
+    callbacks = found.node("callbacks")
+    for name in callbacks.keys() if OmegaConf.is_dict(callbacks) else ():
+        target = found.value(f"callbacks.{name}._target_")
+        if target in WHOLE_PARAMETER_CALLBACKS:
+            found.add(f"callbacks.{name} ({target}) {WHOLE_PARAMETER_CALLBACKS[target]}, but "
+                      f"trainer.strategy={strategy} keeps only a shard of each parameter on every rank: use "
+                      f"trainer=ddp (every rank holds the whole model; each denoiser here fits one GPU), or "
+                      f"callbacks.{name}=null to train with FSDP without it")
+
+
+def optimization_problems(found: Findings) -> None:
+    if found.has("optimizer.lr"):
+        found.number("optimizer.lr", positive=True, hint="the learning rate must be positive, e.g. optimizer.lr=5e-4")
+    if found.has("optimizer.weight_decay"):
+        found.number("optimizer.weight_decay", minimum=0, hint="use 0 (none) or a small positive value, e.g. 0.01")
+    if found.has("lr_scheduler.warmup_steps"):
+        found.integer("lr_scheduler.warmup_steps", minimum=0,
+                      hint="a negative warmup trains with a negative learning rate; use 0 (none) or a step count, "
+                           "e.g. lr_scheduler.warmup_steps=200")
+    if found.has("lr_scheduler.final_ratio"):
+        found.number("lr_scheduler.final_ratio", minimum=0, maximum=1, hint="the share of optimizer.lr at the end")
+    if found.has("vae.lr"):
+        found.number("vae.lr", positive=True, hint="the learning rate must be positive, e.g. vae.lr=1e-3")
+
+
+def schedule_problems(found: Findings) -> None:
+    if found.has("schedule.num_timesteps"):
+        found.integer("schedule.num_timesteps", minimum=1, hint="a discrete schedule needs steps, "
+                                                                "e.g. schedule.num_timesteps=1000")
+    if found.has("schedule.shift"):
+        found.number("schedule.shift", positive=True, hint="1 is no shift, SD3 uses 3")
+    if found.has("schedule.sigma_min"):
+        low = found.number("schedule.sigma_min", positive=True, hint="EDM uses 0.002")
+        high = found.number("schedule.sigma_max", positive=True, hint="EDM uses 80")
+        if is_number(low) and is_number(high) and low >= high:
+            found.add(f"schedule.sigma_min={low} must be smaller than schedule.sigma_max={high}")
+    if found.has("schedule.sigma_data"):
+        found.number("schedule.sigma_data", positive=True, hint="EDM uses 0.5")
+    if found.has("diffusion.sample_steps"):
+        found.integer("diffusion.sample_steps", minimum=1, hint="the sampler steps of the sample grids, e.g. 25")
+    if found.has("diffusion.sample_guidance"):
+        found.number("diffusion.sample_guidance", minimum=0, hint="1 is plain conditional sampling, 0 unconditional")
+
+
+def model_problems(found: Findings) -> None:
+    """The denoiser's sizes, and that it fits the latents the autoencoder makes."""
+    latent_channels = found.integer("autoencoder.latent_channels", minimum=1)
+    downsample = found.integer("autoencoder.downsample", minimum=1)
+    image_size = found.integer("data.image_size", minimum=1, hint="the side of the training images in pixels")
+    latent_size = image_size // downsample if is_int(image_size) and is_int(downsample) else UNKNOWN
+    if is_int(latent_size) and image_size % downsample:
+        found.value("model.input_size")  # its resolver names the sizes that would divide
+        latent_size = UNKNOWN
+    for key in ("depth", "hidden_size", "num_heads", "patch_size", "num_res_blocks", "channels"):
+        if found.has(f"model.{key}"):
+            hint = "a DiT with no blocks does not learn; e.g. model.depth=6" if key == "depth" else ""
+            found.integer(f"model.{key}", minimum=1, hint=hint)
+    in_channels = found.value("model.in_channels")
+    if is_int(in_channels) and is_int(latent_channels) and in_channels != latent_channels:
+        found.add(f"model.in_channels={in_channels} but the autoencoder makes {latent_channels}-channel latents "
+                  f"(autoencoder.latent_channels={latent_channels}): use model.in_channels={latent_channels}, "
+                  "or leave it to follow the autoencoder")
+    input_size = found.value("model.input_size")
+    if is_int(input_size) and is_int(latent_size) and input_size != latent_size:
+        found.add(f"model.input_size={input_size} but the latents are {latent_size}x{latent_size} (data.image_size="
+                  f"{image_size} / autoencoder.downsample={downsample}): use model.input_size={latent_size}, "
+                  "or leave it to follow the data")
+    if is_int(input_size):
+        latent_size = input_size
+    hidden, heads = found.value("model.hidden_size"), found.value("model.num_heads")
+    if is_int(hidden) and is_int(heads) and heads > 0 and hidden % heads:
+        found.add(f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}: "
+                  f"use a multiple of {heads}, or a num_heads that divides {hidden}")
+    patch = found.value("model.patch_size")
+    if is_int(patch) and patch > 0 and is_int(latent_size) and latent_size % patch:
+        found.add(f"model.patch_size={patch} does not divide the {latent_size}x{latent_size} latents (data.image_size="
+                  f"{image_size}, autoencoder.downsample={downsample}): use a patch size that divides {latent_size}, "
+                  f"or a data.image_size that is a multiple of {patch * (downsample if is_int(downsample) else 1)}")
+    mult = found.value("model.channel_mult")
+    if isinstance(mult, list) and mult:
+        factor = 2 ** (len(mult) - 1)
+        if is_int(latent_size) and latent_size % factor:
+            found.add(f"model.channel_mult={mult} downsamples the latents by {factor}, which does not divide the "
+                      f"{latent_size}x{latent_size} latents: use fewer levels or a data.image_size that is a "
+                      f"multiple of {factor * (downsample if is_int(downsample) else 1)}")
+
+
+def run_problems(found: Findings) -> None:
+    found.integer("seed", hint="e.g. seed=0")
+    for key in ("data.batch_size", "data.channels"):
+        found.integer(key, minimum=1)
+    if found.has("data.num_workers"):
+        found.integer("data.num_workers", minimum=0, hint="0 loads in the main process")
+    if found.has("data.val_fraction"):
+        fraction = found.number("data.val_fraction", allow_none=True)
+        if is_number(fraction) and not 0 < fraction < 1:
+            found.add(f"data.val_fraction={fraction} leaves no "
+                      f"{'validation' if fraction <= 0 else 'training'} images (the run would fail at its first "
+                      "validation): use a fraction between 0 and 1, e.g. data.val_fraction=0.05")
+    embedders = found.node("conditioner.embedders")
+    drop_keys = ["conditioner.drop_rate"] + [f"conditioner.embedders.{i}.drop_rate"
+                                            for i in range(len(embedders) if OmegaConf.is_list(embedders) else 0)]
+    for key in drop_keys:
+        if found.has(key):
+            found.number(key, minimum=0, maximum=1, hint="the share of training samples whose condition is dropped")
+    callbacks = found.node("callbacks")
+    for name in callbacks.keys() if OmegaConf.is_dict(callbacks) else ():
+        if found.has(f"callbacks.{name}.decay"):
+            found.number(f"callbacks.{name}.decay", minimum=0, maximum=1, hint="an EMA decay such as 0.995")
+
+
+def training_problems(cfg: DictConfig) -> list[str]:
+    """Every semantic problem of a composed training config, one line each."""
+    found = Findings(cfg)
+    task = found.value("task", "diffusion")
+    trainer_problems(found)
+    strategy_problems(found)
+    optimization_problems(found)
+    run_problems(found)
+    data_problems(found, conditioned=task == "diffusion")
+    if task == "diffusion":
+        schedule_problems(found)
+        model_problems(found)
+    resume_problems(found)
+    return found.problems
+
+
+def check_keys_of_training_config(cfg: DictConfig) -> None:
+    """Every key of every node against the constructor it goes to, before anything is built."""
+    check_config(cfg, targets={"diffusion": LatentDiffusion, "vae": AutoencoderTraining}, passed_by_code={
+        "diffusion": ("autoencoder", "conditioner", "denoiser", "schedule", "sampler", "image_size", "optimizer",
+                      "lr_scheduler", "seed"),
+        "vae": ("autoencoder",), "trainer": ("callbacks", "logger", "plugins", "use_distributed_sampler"),
+        "optimizer": ("params",), "lr_scheduler": ("optimizer",)})
+
+
+def check_training(cfg: DictConfig) -> None:
+    """Unknown keys and semantic problems of a training config, all in one `ConfigError`."""
+    problems = []
+    task = cfg.get("task", "diffusion")
+    if task not in TASKS:
+        problems.append(f"task={task} is not a task: use one of {', '.join(TASKS)}")
+    try:
+        check_keys_of_training_config(cfg)
+    except ConfigError as error:
+        problems += error.errors
+    problems += training_problems(cfg)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,1 @@
+"""The bodies of the commands: train, sample, evaluate, export."""

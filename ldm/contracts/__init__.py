@@ -1,0 +1,1 @@
+"""What the parts agree on: the Conditioning, the batch keys, the autoencoder and denoiser contracts."""

@@ -1,0 +1,1 @@
+"""The LightningModules a run trains (diffusion, autoencoder) and their optimizer."""

@@ -1,0 +1,3 @@
+from ldm.tools.bench.cli import main
+
+main()
