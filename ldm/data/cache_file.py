@@ -64,7 +64,8 @@ def build_once(path: Path, load: Callable[[], T], build: Callable[[], T]) -> T:
     """`load()` what `path` holds, or, when it raises InvalidCache, `build()` it there; one process builds at a time.
 
     `build` publishes `path` whole (a rename), so a reader without the lock never sees a partial cache.
-    An unusable one is rebuilt with a warning."""
+    An unusable one is rebuilt with a warning. Building leaves the global CPU random state untouched, so that
+    a run goes on the same whether it built the cache or read it."""
     try:  # the common case, no lock: caches only ever appear whole under their real name
         contents = load()
         log.info("reading cache %s", path)
@@ -89,7 +90,10 @@ def build_once(path: Path, load: Callable[[], T], build: Callable[[], T]) -> T:
             remove(stale)
         log.info("building cache %s", path)
         started = time.monotonic()
-        contents = build()
+        # a run that builds must leave the global random stream as one that reads: a DataLoader draws its
+        # base seed from it, and later global draws (the latent statistics' posterior samples) follow
+        with torch.random.fork_rng(devices=[]):
+            contents = build()
         log.info("built cache %s in %.1f s", path, time.monotonic() - started)
         return contents
     finally:
