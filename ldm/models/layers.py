@@ -206,13 +206,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        dim = self.to_out.in_features
         if self.is_cross:
             (q,) = split_heads(self.to_q(x), 1, self.num_heads)
-            k, v = split_heads(self.to_kv(context), 2, self.num_heads)
+            k, v = split_heads(key_bias_frozen(self.to_kv, context, 0, dim), 2, self.num_heads)
         else:
             if context is not None or mask is not None:
                 raise ValueError("a self-attention layer takes no context or mask; build it with context_dim")
-            q, k, v = split_heads(self.to_qkv(x), 3, self.num_heads)
+            q, k, v = split_heads(key_bias_frozen(self.to_qkv, x, dim, 2 * dim), 3, self.num_heads)
         if mask is None:  # no mask tensor at all, so that CUDA can pick the flash kernel
             out = attention(q, k, v)
         else:
@@ -229,6 +230,19 @@ class Attention(nn.Module):
         if not self.is_cross:  # checkpoints of earlier versions hold to_q and to_kv apart
             fuse_qkv_keys(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def key_bias_frozen(linear: nn.Linear, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """`linear(x)` with the bias rows [start, stop) (the keys') left out of backward.
+
+    A key bias adds q.b_k to all of a query's logits, which softmax ignores: its true gradient is 0, and what
+    backward computes for it is rounding noise (~1e-7 per element under bf16 autocast, above Adam's eps), which
+    Adam turns into steps of ~lr. Kept as a parameter (checkpoints and published weights hold it), it stays at
+    its initial or loaded value."""
+    bias = linear.bias
+    if bias is None or not bias.requires_grad or not torch.is_grad_enabled():
+        return linear(x)
+    return F.linear(x, linear.weight, torch.cat([bias[:start], bias[start:stop].detach(), bias[stop:]]))
 
 
 def fuse_qkv_keys(state_dict: dict, prefix: str) -> None:
