@@ -7,7 +7,8 @@ last) into `ClassEmbedder`; `to_diffusers` writes a diffusers directory back. Be
   published file also stores it, and it is checked, not loaded.
 - time: both take the integer level k (schedule.time_input=level, model.time_scale=1). The published
   code's sinusoids are 10000^(-i/128) (model.time_frequency_shift=0), diffusers' 10000^(-i/127)
-  (shift 1); the weights are the same, so the shift picks whose outputs are reproduced.
+  (shift 1). A diffusers file needs shift 1; on the published file, the shift picks whose outputs are
+  reproduced (the paper's code, or diffusers' on the converted weights).
 - learned sigma: 2C output channels (model.learn_sigma=true), the variance half dropped.
 - diffusers keeps a copy of the timestep and class embedders in every block: block 0's is used, and
   the others must equal it.
