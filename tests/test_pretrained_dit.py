@@ -47,7 +47,7 @@ def reference_dit(num_classes: int = CLASSES, seed: int = 0) -> DiTTransformer2D
 
 def published_state(model: DiTTransformer2DModel) -> dict[str, torch.Tensor]:
     """The diffusers weights under the published DiT checkpoint's names (facebookresearch/DiT models.py)."""
-    theirs, out = model.state_dict(), {}
+    theirs, out, config = model.state_dict(), {}, model.config
     emb = "transformer_blocks.0.norm1.emb."
     for suffix in ("weight", "bias"):
         out[f"x_embedder.proj.{suffix}"] = theirs[f"pos_embed.proj.{suffix}"]
@@ -55,7 +55,7 @@ def published_state(model: DiTTransformer2DModel) -> dict[str, torch.Tensor]:
         out[f"t_embedder.mlp.2.{suffix}"] = theirs[f"{emb}timestep_embedder.linear_2.{suffix}"]
         out[f"final_layer.adaLN_modulation.1.{suffix}"] = theirs[f"proj_out_1.{suffix}"]
         out[f"final_layer.linear.{suffix}"] = theirs[f"proj_out_2.{suffix}"]
-        for i in range(DEPTH):
+        for i in range(config.num_layers):
             block = f"transformer_blocks.{i}."
             out[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(
                 [theirs[f"{block}attn1.to_{name}.{suffix}"] for name in ("q", "k", "v")])
@@ -64,8 +64,8 @@ def published_state(model: DiTTransformer2DModel) -> dict[str, torch.Tensor]:
             out[f"blocks.{i}.mlp.fc2.{suffix}"] = theirs[f"{block}ff.net.2.{suffix}"]
             out[f"blocks.{i}.adaLN_modulation.1.{suffix}"] = theirs[f"{block}norm1.linear.{suffix}"]
     out["y_embedder.embedding_table.weight"] = theirs[f"{emb}class_embedder.embedding_table.weight"]
-    grid = SIZE // PATCH
-    out["pos_embed"] = get_2d_sincos_pos_embed(HIDDEN, grid, base_size=grid).float()[None]
+    grid, width = config.sample_size // config.patch_size, config.num_attention_heads * config.attention_head_dim
+    out["pos_embed"] = get_2d_sincos_pos_embed(width, grid, base_size=grid).float()[None]
     return {key: value.clone() for key, value in out.items()}
 
 
@@ -112,6 +112,8 @@ def test_diffusers_directory_matches_diffusers(files):
     difference = compare_at_levels(*build(files["diffusers"], "model.time_frequency_shift=1"), files["model"])
     print(f"diffusers directory: largest relative difference {difference:.2e}")
     assert difference <= 1e-4
+    with refused("set model.time_frequency_shift=1"):  # the published code's sinusoids: not this file's
+        build(files["diffusers"], "model.time_frequency_shift=0")
 
 
 def test_published_checkpoint_matches_the_published_code(files):
@@ -132,6 +134,7 @@ def test_published_checkpoint_matches_the_published_code(files):
     ("model.hidden_size=32", "set model.hidden_size=64"),
     ("model.depth=3", "set model.depth=2"),
     ("model.pos_embed_layout=row_cos_sin", "set model.pos_embed_layout=col_sin_cos"),
+    ("model.time_scale=1000", "set model.time_scale=1 "),
 ])
 def test_wrong_architecture_names_the_key(files, override, message):
     extra = ["conditioner.vector_dim=64"] if override.startswith("model.hidden_size") else []
@@ -143,7 +146,7 @@ def test_wrong_architecture_names_the_key(files, override, message):
 
 def test_class_table_shape_and_embedder_copies_are_checked(files, tmp_path):
     with refused("set num_classes=10"):
-        build(files["diffusers"], classes=1000)
+        build(files["diffusers"], "model.time_frequency_shift=1", classes=1000)
     model = reference_dit()
     with torch.no_grad():
         model.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight[3] += 1

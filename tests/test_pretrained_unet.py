@@ -194,6 +194,9 @@ def test_mismatched_config_names_the_key_to_set(references, tmp_path):
     save_file(original_checkpoint(references["sd2"]), tmp_path / "sd2.safetensors")
     assert "set model.use_linear_projection=true" in build_error("sd1", tmp_path / "sd2.safetensors", sd2_widths)
     assert "set model.context_dim=32" in build_error("sd2", tmp_path / "sd2.safetensors", ["model.context_dim=64"])
+    # the file cannot say its time input: Stable Diffusion's (no time scale exported) is the level k
+    assert "set model.time_scale=1 with schedule.time_input=level" in build_error(
+        "sd2", tmp_path / "sd2", ["model.time_scale=1000"])
 
 
 def test_missing_weights_name_the_file_to_provide(tmp_path):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checks.data import default_argument
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
 from ldm.checks.run_dir import CONFIG_FILE
+from ldm.checks.weights import published_weight_problems
 from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
 from ldm.run.presets import missing_values, preset_config
 from ldm.utils.errors import ConfigError
@@ -106,6 +107,10 @@ def preset_run_config(found: Findings, experiment: str) -> DictConfig | None:
     for key in missing_values(cfg):
         found.add(f"preset={experiment} needs {key}: add it to preset_overrides, e.g. "
                   f"preset_overrides=\"['{key}=/path/to/weights']\"")
+    if not found.problems:
+        weights = Findings(cfg)
+        published_weight_problems(weights)
+        found.problems.extend(f"preset={experiment}: {line}" for line in weights.problems)
     return None if found.problems else cfg
 
 

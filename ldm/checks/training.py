@@ -13,6 +13,7 @@ from ldm.checks.data import data_problems
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
 from ldm.checks.keys import check_config
 from ldm.checks.run_dir import resume_problems
+from ldm.checks.weights import published_weight_problems
 from ldm.run.tasks import TASKS
 from ldm.tasks.autoencoder import AutoencoderTraining
 from ldm.tasks.diffusion import LatentDiffusion
@@ -189,6 +190,7 @@ def training_problems(cfg: DictConfig) -> list[str]:
     if task == "diffusion":
         schedule_problems(found)
         model_problems(found)
+        published_weight_problems(found)
     resume_problems(found)
     return found.problems
 

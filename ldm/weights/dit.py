@@ -7,7 +7,8 @@ last) into `ClassEmbedder`; `to_diffusers` writes a diffusers directory back. Be
   published file also stores it, and it is checked, not loaded.
 - time: both take the integer level k (schedule.time_input=level, model.time_scale=1). The published
   code's sinusoids are 10000^(-i/128) (model.time_frequency_shift=0), diffusers' 10000^(-i/127)
-  (shift 1); the weights are the same, so the shift picks whose outputs are reproduced.
+  (shift 1). A diffusers file needs shift 1; on the published file, the shift picks whose outputs are
+  reproduced (the paper's code, or diffusers' on the converted weights).
 - learned sigma: 2C output channels (model.learn_sigma=true), the variance half dropped.
 - diffusers keeps a copy of the timestep and class embedders in every block: block 0's is used, and
   the others must equal it.
@@ -24,7 +25,15 @@ from safetensors.torch import save
 from torch import nn
 
 from ldm.utils.files import atomic_write
-from ldm.weights.files import WeightsError, find_weights, load_mapped, read_state_dict
+from ldm.weights.files import (
+    LEVEL_TIME,
+    Conventions,
+    WeightsError,
+    find_weights,
+    load_mapped,
+    read_state_dict,
+    tensor_shapes,
+)
 
 Tensor = torch.Tensor
 PUBLISHED, DIFFUSERS = "published DiT format", "diffusers DiTTransformer2DModel format"
@@ -51,6 +60,11 @@ INNER = [
 PUBLISHED_CLASSES = "y_embedder.embedding_table.weight"
 EMBEDDERS = "transformer_blocks.{}.norm1.emb."  # diffusers' per-block timestep and class embedders
 DIFFUSERS_CLASSES = EMBEDDERS.format(0) + "class_embedder.embedding_table.weight"
+# per format: its patch embedding, its output projection, its class table, and the time sinusoids'
+# model.time_frequency_shift values that give its reference outputs (the published code's 0; diffusers'
+# DiTTransformer2DModel's 1, which it also computes on the published weights it converts)
+FORMATS = {PUBLISHED: ("x_embedder.proj.weight", "final_layer.linear.weight", PUBLISHED_CLASSES, (0, 1)),
+           DIFFUSERS: ("pos_embed.proj.weight", "proj_out_2.weight", DIFFUSERS_CLASSES, (1,))}
 
 
 @dataclass
@@ -129,17 +143,42 @@ def from_diffusers(state: dict, source: Path, config: dict | None) -> DiTWeights
     return DiTWeights(source, DIFFUSERS, tensors, depth, state.get(DIFFUSERS_CLASSES), None, config)
 
 
+def file_format(names, file: Path) -> str:
+    """PUBLISHED or DIFFUSERS, told from a DiT file's tensor names."""
+    for form, (patch_embed, *_) in FORMATS.items():
+        if patch_embed in names:
+            return form
+    raise WeightsError(f"{file} is not a DiT checkpoint: it has neither x_embedder.proj.weight (the published "
+                       f"format) nor pos_embed.proj.weight (diffusers' DiTTransformer2DModel); its first keys are "
+                       f"{', '.join(sorted(names)[:3])}")
+
+
 def read_dit(path: str | Path) -> DiTWeights:
     """A DiT file in either format: a published `.pt`, or a diffusers model or pipeline directory or file."""
     file, config = find_weights(path, subfolder="transformer")
     state = read_state_dict(file)
-    if "x_embedder.proj.weight" in state:
+    if file_format(state, file) == PUBLISHED:
         return from_published(state, file)
-    if "pos_embed.proj.weight" in state:
-        return from_diffusers(state, file, config)
-    raise WeightsError(f"{file} is not a DiT checkpoint: it has neither x_embedder.proj.weight (the published "
-                       f"format) nor pos_embed.proj.weight (diffusers' DiTTransformer2DModel); its first keys are "
-                       f"{', '.join(sorted(state)[:3])}")
+    return from_diffusers(state, file, config)
+
+
+def conventions(path: str | Path) -> Conventions:
+    """What a DiT file fixes beyond its shapes (read from its header): time input, time sinusoids, position
+    embedding, the variance half of its output, and its class table."""
+    file, _ = find_weights(path, subfolder="transformer")
+    shapes = tensor_shapes(file)
+    form = file_format(shapes, file)
+    patch_embed, output, classes, shifts = FORMATS[form]
+    _, in_channels, patch = shapes[patch_embed][:3]
+    settings = {"model.pos_embed_layout": (POS_EMBED_LAYOUT,), "model.time_frequency_shift": shifts, **LEVEL_TIME}
+    out_channels = shapes[output][0] // patch ** 2
+    if out_channels in (in_channels, 2 * in_channels):  # other counts: the load names model.out_channels
+        settings["model.learn_sigma"] = (out_channels == 2 * in_channels,)
+    table = shapes.get(classes)
+    description = f"a DiT in the {form}, trained on the integer DDPM level k"
+    if table is not None:
+        description += f", with a class table of {table[0] - 1} classes and the null class"
+    return Conventions(description, settings, tuple(table) if table is not None else None)
 
 
 def read_class_table(path: str | Path) -> Tensor:
@@ -182,6 +221,12 @@ def architecture_problems(model: nn.Module, weights: DiTWeights) -> list[str]:
             problems.append(f"set model.out_channels={file_out}, or {file_out // 2} with model.learn_sigma=true "
                             f"(the file predicts {file_out} channels)")
     want("model.pos_embed_layout", POS_EMBED_LAYOUT, model.pos_embed_layout, ": the position embedding DiT adds")
+    want("model.time_scale", 1, model.t_embedder.time_scale, "; with schedule.time_input=level: the network was "
+         "trained on the integer DDPM level k")
+    shifts = FORMATS[weights.form][3]
+    if model.t_embedder.frequency_shift not in shifts:
+        want("model.time_frequency_shift", shifts[0], model.t_embedder.frequency_shift, f": the {weights.form}'s "
+             "time sinusoids")
     if any(".cross_attn." in key for key in own):
         problems.append("set model.context_dim=null (the file has no cross-attention; conditioner=imagenet)")
     if any(key.startswith("vector_embedder.") for key in own):

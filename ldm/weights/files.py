@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ldm.utils.errors import UserError
@@ -22,6 +24,24 @@ STATE_DICT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                     "diffusion_pytorch_model.bin", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 WRAPPER_KEYS = ("state_dict", "model", "module")
+ABSENT = "<absent>"  # an accepted "value" of a config key: the key may be missing (a schedule without time_input)
+# networks trained with DDPM's integer steps (Stable Diffusion, DiT) take the level k itself as time
+LEVEL_TIME = {"model.time_scale": (1,), "schedule.time_input": ("level",)}
+
+
+@dataclass
+class Conventions:
+    """What a weight file fixes beyond its tensors' shapes, for the config checks (ldm/checks/weights.py).
+
+    `settings`: config key -> the values under which the network computes what it was trained to (the first
+    one is suggested); `class_table`: (num_classes + 1, width) of the class table the file holds;
+    `problems`: what the file's config.json asks for that the project's network does not implement.
+    """
+
+    description: str
+    settings: dict[str, tuple] = field(default_factory=dict)
+    class_table: tuple[int, int] | None = None
+    problems: list[str] = field(default_factory=list)
 
 
 class WeightsError(UserError):
@@ -58,6 +78,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise WeightsError(f"weights file {path} holds no tensors")
     return tensors
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor of one weights file, read from its header (a pickled file is memory-mapped)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        except Exception as err:  # noqa: BLE001 - read_state_dict names what is wrong with the file
+            raise WeightsError(f"weights file {path} is damaged or not a weights file: {err}") from err
+    return {key: tuple(value.shape) for key, value in read_state_dict(path).items()}
 
 
 def find_weights(path: str | Path, subfolder: str | None = None) -> tuple[Path, dict | None]:

@@ -17,7 +17,16 @@ from safetensors.torch import save
 from torch import nn
 
 from ldm.utils.files import atomic_write
-from ldm.weights.files import WeightsError, find_weights, load_mapped, read_state_dict, with_prefix
+from ldm.weights.files import (
+    ABSENT,
+    LEVEL_TIME,
+    Conventions,
+    WeightsError,
+    find_weights,
+    load_mapped,
+    read_state_dict,
+    with_prefix,
+)
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS = 0
@@ -27,6 +36,10 @@ ORIGINAL = 1
 RES_BLOCK_NAMES = {"in_layers.0": ("norm1", "in_layers.0"), "in_layers.2": ("conv1", "in_layers.2"),
                    "emb_layers.1": ("time_emb_proj", "emb_layers.1"), "out_norm": ("norm2", "out_layers.0"),
                    "out_layers.2": ("conv2", "out_layers.3"), "skip": ("conv_shortcut", "skip_connection")}
+
+# the time convention of a UNet this project exported (diffusers skips config keys starting with "_"); a file
+# without it is Stable Diffusion's, trained on the integer level k
+TIME_SCALE_KEY = "_ldm_time_scale"
 
 # diffusers config.json entries the project's UNet has no option for, with the only value it implements
 FIXED_CONFIG = {"_class_name": "UNet2DConditionModel", "center_input_sample": False, "flip_sin_to_cos": True,
@@ -147,10 +160,10 @@ def load_unet(unet: nn.Module, path: str | Path) -> None:
         raise WeightsError([f"model.weights={path}: {line}" for line in err.problems] + [
             "model.weights takes a diffusers UNet directory (config.json + diffusion_pytorch_model.safetensors), "
             "a pipeline directory holding unet/, or one checkpoint file such as v1-5-pruned.safetensors"]) from err
-    if config is not None:
-        problems = config_problems(unet, config)
-        if problems:
-            raise WeightsError([f"model.weights={path}: {line}" for line in problems])
+    problems = config_problems(unet, config) if config is not None else []
+    problems += time_problems(unet, config)
+    if problems:
+        raise WeightsError([f"model.weights={path}: {line}" for line in problems])
     layout, state = _split_layout(read_state_dict(file), file)
     mapping = key_map(unet, layout)
     hints = _shape_hints(unet, state, mapping)
@@ -203,11 +216,44 @@ def _heads_or_one(unet: nn.Module, width: int) -> int:
         return 1
 
 
+def fixed_config_problems(config: dict) -> list[str]:
+    """The config.json entries (time sinusoids, activation, ...) that model=UNet has no option for."""
+    return [f"config.json has {key}={config[key]!r}, which model=UNet does not implement (it needs {value!r})"
+            for key, value in FIXED_CONFIG.items() if key in config and config[key] != value]
+
+
+def trained_time_scale(config: dict | None) -> float:
+    """The model.time_scale the file's network was trained with: 1 (the level k) unless it says otherwise."""
+    return float((config or {}).get(TIME_SCALE_KEY, 1))
+
+
+def time_problems(unet: nn.Module, config: dict | None) -> list[str]:
+    scale = trained_time_scale(config)
+    if unet.settings["time_scale"] == scale:
+        return []
+    if scale == 1:
+        return ["the weights are Stable Diffusion's, trained on the integer DDPM level k: set model.time_scale=1 "
+                "with schedule.time_input=level"]
+    return [f"the weights were exported with model.time_scale={scale:g}: set model.time_scale={scale:g}"]
+
+
+def conventions(path: str | Path) -> Conventions:
+    """What a UNet file fixes beyond its shapes: its time input, and config.json entries model=UNet lacks."""
+    _, config = find_weights(path, subfolder="unet")
+    scale = trained_time_scale(config)
+    if scale == 1:
+        found = Conventions("a Stable Diffusion UNet, trained on the integer DDPM level k", dict(LEVEL_TIME))
+    else:  # one of this project's UNets, trained on t in [0, 1]
+        found = Conventions(f"a UNet exported by this project, trained on t * {scale:g} for t in [0, 1]",
+                            {"model.time_scale": (scale,), "schedule.time_input": ("unit", ABSENT)})
+    found.problems = fixed_config_problems(config or {})
+    return found
+
+
 def config_problems(unet: nn.Module, config: dict) -> list[str]:
     """One line per way a diffusers config.json differs from `unet`'s architecture, naming what to set."""
     s = unet.settings
-    problems = [f"config.json has {key}={config[key]!r}, which model=UNet does not implement (it needs {value!r})"
-                for key, value in FIXED_CONFIG.items() if key in config and config[key] != value]
+    problems = fixed_config_problems(config)
     widths = list(config.get("block_out_channels", []))
     levels = len(widths)
     mine = diffusers_config(unet) if s["context_dim"] and not s["vector_dim"] else None
@@ -271,10 +317,11 @@ def _head_problems(unet: nn.Module, config: dict, widths: list[int], attention: 
 def to_diffusers(unet: nn.Module, directory: str | Path) -> Path:
     """Write `unet` as a diffusers UNet2DConditionModel directory (config.json + safetensors).
 
-    The diffusers model takes `t * model.time_scale` as its timestep.
+    The diffusers model takes `t * model.time_scale` as its timestep; config.json keeps the time scale for
+    loading the directory back (`conventions`).
     """
     directory = Path(directory)
-    config = diffusers_config(unet)
+    config = diffusers_config(unet) | {TIME_SCALE_KEY: unet.settings["time_scale"]}
     own = unet.state_dict()
     tensors = {}
     for ours, sources in key_map(unet, DIFFUSERS).items():
