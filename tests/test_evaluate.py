@@ -38,7 +38,7 @@ def evaluation(tmp_path: Path, name: str, *overrides: str) -> dict:
 # ---- evaluate.py ------------------------------------------------------------------------------------
 
 def test_run_evaluation_writes_metrics_with_provenance_whatever_the_batch_size(trained_run, tmp_path):
-    from ldm.evaluation.draw import sample_seed
+    from ldm.evaluation.seeded import sample_seed
     from ldm.run.load import load_run
 
     # float32 like module.sample below (auto is bf16 autocast on CPUs with bf16 units)

@@ -2,7 +2,7 @@
 the EMA weights, split across ranks, scored by the metric suite and logged as `val/<metric>` (`val/fd_digits`,
 `val/accuracy_digits`, ...), so that `ModelCheckpoint(monitor="val/fd_digits", mode="min")` can keep the best.
 
-The samples are those `evaluate.py` would draw with the same settings (ldm.evaluation.draw: sample i from seed
+The samples are those `evaluate.py` would draw with the same settings (ldm.evaluation.seeded: sample i from seed
 (seed, i)); the real side is the `reference` split's features, computed once per fit. For text runs a wandb table
 shows prompt -> image.
 """
@@ -18,8 +18,8 @@ import lightning as L
 import torch
 
 from ldm.callbacks.ema import find_ema
-from ldm.evaluation.draw import CAPTION, Conditions, SamplingSettings, index_batches
-from ldm.evaluation.sources import DrawnSamples, score_indices
+from ldm.evaluation.seeded import CAPTION, Conditions, SamplingSettings, index_batches
+from ldm.evaluation.sources import ModelSamples, score_indices
 from ldm.evaluation.suites import build_run_suite, compose_metrics, dataset_metrics_option, split_captions
 from ldm.metrics.reference import compute_reference
 
@@ -106,7 +106,7 @@ class SampleMetrics(L.Callback):
         settings = SamplingSettings(self.sampler or pl_module.sampler, self.steps or pl_module.sample_steps,
                                     float(self.guidance if self.guidance is not None else pl_module.sample_guidance),
                                     seed=self.seed)
-        source = DrawnSamples(pl_module, self.conditions, settings, self.num_samples)
+        source = ModelSamples(pl_module, self.conditions, settings, self.num_samples)
         for indices in index_batches(self.num_samples, self.batch_size, rank, world_size):
             score_indices(source, self.suite, indices, kept, self.prompt_table)
         scores = self.suite.compute()  # every rank takes part, and gets the numbers of all ranks' samples

@@ -4,7 +4,7 @@
     python evaluate.py samples=FILE.npz                                       (a file of sample.py)
 
 Samples come from the run's EMA weights through `trainer.predict`, split over devices; sample i is drawn from
-seed (seed, i), so the numbers do not depend on the batch size or the number of devices (ldm.evaluation.draw).
+seed (seed, i), so the numbers do not depend on the batch size or the number of devices (ldm.evaluation.seeded).
 The metrics (ldm.metrics) compare them with cached statistics of the run's real images. `metrics.json` in the
 output directory holds the numbers and their provenance; a wandb run in the training run's group holds them too.
 """

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from ldm.checks.hydra import CheckSamplingConfig, checked_by_hydra
 from ldm.checks.sampling import check_sampling, class_names_of
 from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
-from ldm.evaluation.draw import CAPTION, LABEL, requested_prompts
+from ldm.evaluation.seeded import CAPTION, LABEL, requested_prompts
 from ldm.run.build import build_diffusion
 from ldm.run.load import build_run, condition_inputs, preset_sampling, sampling_config
 from ldm.utils.errors import ConfigError

@@ -18,9 +18,9 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ldm.evaluation.draw import CAPTION, Conditions, SamplingSettings, index_batches, requested_prompts
 from ldm.evaluation.record import log_wandb, training_group, write_metrics
-from ldm.evaluation.sources import DrawnSamples, RealImages, SampleFile, score_indices
+from ldm.evaluation.seeded import CAPTION, Conditions, SamplingSettings, index_batches, requested_prompts
+from ldm.evaluation.sources import ModelSamples, RealImages, SampleFile, score_indices
 from ldm.evaluation.suites import (
     build_run_suite,
     compose_data,
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class Evaluation:
     """What one evaluation scores and against what, resolved from its config before any image is made."""
 
-    source: DrawnSamples | SampleFile | RealImages
+    source: ModelSamples | SampleFile | RealImages
     suite: torch.nn.Module
     run_cfg: DictConfig | None
     data_cfg: DictConfig
@@ -85,7 +85,7 @@ def resolve(cfg: DictConfig) -> Evaluation:
     provenance = {**settings.record(), "sampler_name": _sampler_name(settings.sampler), "n": cfg.n,
                   "batch_size": cfg.batch_size, "reference_split": cfg.reference, **_source(cfg, run_cfg),
                   **checkpoint}
-    return Evaluation(DrawnSamples(module, conditions, settings, cfg.n), suite, run_cfg, run_cfg.data, provenance)
+    return Evaluation(ModelSamples(module, conditions, settings, cfg.n), suite, run_cfg, run_cfg.data, provenance)
 
 
 class SourceScoring(L.LightningModule):

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from ldm.evaluation.draw import CAPTION, LABEL, Conditions, SamplingSettings, draw
+from ldm.evaluation.seeded import CAPTION, LABEL, Conditions, SamplingSettings, seeded_samples
 from ldm.utils.images import to_uint8
 
 
-class DrawnSamples:
+class ModelSamples:
     """Sample i of `module`, asking for condition i; drawn in the precision the predict loop runs in."""
 
     def __init__(self, module: nn.Module, conditions: Conditions, settings: SamplingSettings, count: int):
@@ -29,7 +29,7 @@ class DrawnSamples:
 
     def batch(self, indices: Sequence[int]) -> dict:
         asked = self.conditions(indices)
-        return {"images": draw(self.module, asked, indices, self.settings).float(), **asked}
+        return {"images": seeded_samples(self.module, asked, indices, self.settings).float(), **asked}
 
 
 class SampleFile:

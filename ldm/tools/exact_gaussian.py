@@ -1,6 +1,6 @@
 """Data with a closed-form posterior mean E[x0 | x_t], hence a perfect network for any target.
 
-They let tests and `error_table` measure a sampler's own error, with no training in the way;
+They let tests and `sampler_table` measure a sampler's own error, with no training in the way;
 `gaussian_problem` is the fixed 4-D test case they share.
 """
 

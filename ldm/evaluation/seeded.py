@@ -107,7 +107,8 @@ class SamplingSettings:
 
 
 @torch.no_grad()
-def draw(module, conditions: dict, indices: Sequence[int], settings: SamplingSettings, callback=None) -> torch.Tensor:
+def seeded_samples(module, conditions: dict, indices: Sequence[int], settings: SamplingSettings,
+                   callback=None) -> torch.Tensor:
     """Images (len(indices), C, H, W) in [-1, 1] from the module's current weights.
 
     `callback` sees each sampler step ({"i", "t", "x", "x0"}), e.g. for trajectories."""
