@@ -98,14 +98,14 @@ TRAINING = [
     (["data=shapes", "autoencoder=kl_shapes", "conditioner=class_text"],
      "input_key=label: the conditioner reads each item's 'label', but ShapesDataset"),
     (["data=folder", "root={images}", "autoencoder=kl_shapes", "conditioner=clip_text_tiny", "data.val_fraction=0"],
-     "data.val_fraction=0 leaves no validation images"),
+     "data.val_fraction=0 must be in (0, 1): 0 leaves no validation images"),
     (["data=folder"], "root=null: this data set reads images from a folder"),
     (["data=folder", "root={missing}", "autoencoder=kl_shapes", "conditioner=none"], "missing.ckpt: no such directory"),
     (["data=folder", "root={empty_dir}", "autoencoder=kl_shapes", "conditioner=none"], "no captioned images in"),
     # more ranges, types and cross-group consistency
     (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be at least -1"),
-    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a positive number of steps"),
-    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5: a float is a fraction of an epoch"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be at least 1: whole optimizer steps"),
+    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5 must be in (0, 1]: a float is a fraction"),
     (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
     (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1 must be at least 0"),
     (["lr_scheduler=warmup_cosine", "lr_scheduler.final_ratio=2"], "lr_scheduler.final_ratio=2 must be in [0, 1]"),
@@ -120,7 +120,11 @@ TRAINING = [
     (["autoencoder.latent_channels=8"], "autoencoder.latent_channels=8 does not fit autoencoder.weights=digits_vae"),
     (["data.batch_size=0"], "data.batch_size=0 must be at least 1"),
     (["seed=abc"], "seed='abc' is not a whole number"),
-    (["callbacks.ema.decay=1.5"], "callbacks.ema.decay=1.5 must be in [0, 1]"),
+    (["callbacks.ema.decay=1.5"], "callbacks.ema.decay=1.5 must be in [0, 1)"),
+    (["callbacks.ema.decay=1.0"], "callbacks.ema.decay=1.0 must be in [0, 1)"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf is not a finite number"),
+    (["callbacks.ema.decay=nan"], "callbacks.ema.decay=nan is not a finite number"),
+    (["++trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 must be at least 1"),
     (["conditioner.embedders.0.drop_rate=2"], "conditioner.embedders.0.drop_rate=2 must be in [0, 1]"),
     (["diffusion.sample_steps=0"], "diffusion.sample_steps=0 must be at least 1"),
     (["trainer.max_steps=ten"], "trainer.max_steps='ten' is not a whole number"),
@@ -186,7 +190,7 @@ def test_every_mistake_is_reported_together(files):
     with pytest.raises(ConfigError) as caught:
         check_training(cfg)
     assert [line.split("=")[0].split(":")[0] for line in caught.value.errors] == [
-        "model.depht", "trainer.max_steps", "optimizer.lr", "model.depth"]
+        "model.depht", "model.depth", "optimizer.lr", "trainer.max_steps"]
 
 
 GOOD = [[], ["model=unet"], ["schedule=edm"], ["schedule=ddpm"], ["experiment=digits_pixel"],
@@ -256,6 +260,12 @@ CLI_TRAINING = [
     (["data=shapes", "autoencoder=kl_shapes", "conditioner=class"], "the conditioner reads each item's 'label'"),
     (["resume={empty}"], "empty.ckpt: the file is empty"),
     (["diffusion.warmup_steps=-5"], "diffusion.warmup_steps is now lr_scheduler.warmup_steps"),
+    # ranges declared per constructor argument (ldm/checks/ranges.py), and no NaN or inf anywhere
+    (["optimizer.lr=inf"], "optimizer.lr=inf is not a finite number"),
+    (["optimizer.weight_decay=nan"], "optimizer.weight_decay=nan is not a finite number"),
+    (["callbacks.ema.decay=nan"], "callbacks.ema.decay=nan is not a finite number"),
+    (["++trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 must be at least 1"),
+    (["sampler=euler_ancestral", "sampler.eta=1.5"], "sampler.eta=1.5 must be in [0, 1]"),
 ]
 
 
@@ -293,6 +303,14 @@ def test_sample_command_refuses_a_prompt_string(files, tmp_path):
     result = run_command("sample.py", f"run={files['text_run']}", "prompts=a small red circle", cwd=tmp_path)
     assert_refused(result, "prompts='a small red circle' is one string")
     assert not (tmp_path / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
+def test_guidance_that_is_not_a_number_is_refused_before_sampling(script, files, tmp_path):
+    before = set(tmp_path.rglob("*"))
+    result = run_command(script, f"run={files['class_run']}", "guidance=nan", cwd=tmp_path)
+    assert_refused(result, "guidance=nan is not a finite number")
+    assert_nothing_written(tmp_path, before)
 
 
 def test_debugging_keeps_the_traceback(files, tmp_path):

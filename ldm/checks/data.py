@@ -100,7 +100,9 @@ def class_problems(found: Findings, facts: DataFacts) -> None:
                 continue  # it follows data.num_classes, which is checked against the data above
             key = "data.num_classes"
         count = found.value(key)
-        if count is None or count is UNKNOWN:
+        if count is UNKNOWN:  # already reported (out of range, or it does not resolve)
+            continue
+        if count is None:
             if "label" in facts.keys:
                 found.add(f"{key}={show(count)}: a class embedder needs the number of classes; "
                           f"set data.num_classes={facts.num_classes or 'N'}")

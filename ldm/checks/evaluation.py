@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.findings import Findings
+from ldm.checks.ranges import range_problems
 from ldm.checks.sampling import argument_problems, checkpoint_problems, run_problems
 from ldm.evaluation.suites import SPLITS
 from ldm.run.build import uses_gpu
@@ -17,6 +18,7 @@ from ldm.utils.errors import ConfigError
 
 def evaluation_problems(cfg: DictConfig) -> list[str]:
     found = Findings(cfg)
+    range_problems(found, built_by_code={})
     argument_problems(found, n_minimum=2, n_hint="the number of samples to score, e.g. n=1000")
     found.integer("keep", minimum=0, hint="samples kept for the grid, e.g. keep=100")
     for key, allowed in (("reference", SPLITS), ("real", (None, *SPLITS))):

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.data import default_argument
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
+from ldm.checks.ranges import range_problems
 from ldm.checks.run_dir import CONFIG_FILE
 from ldm.checks.weights import published_weight_problems
 from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
@@ -21,6 +22,7 @@ from ldm.utils.errors import ConfigError
 
 def sampling_problems(cfg: DictConfig) -> list[str]:
     found = Findings(cfg)
+    range_problems(found, built_by_code={})
     argument_problems(found, n_minimum=1, n_hint="the number of images to draw, e.g. n=100")
     run_problems(found, "sample.py")
     checkpoint_problems(found, ("last", "best"))

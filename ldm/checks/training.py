@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checks.data import data_problems
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
 from ldm.checks.keys import check_config
+from ldm.checks.ranges import range_problems
 from ldm.checks.run_dir import resume_problems
 from ldm.checks.weights import published_weight_problems
 from ldm.run.tasks import TASKS
@@ -21,24 +22,17 @@ from ldm.utils.errors import ConfigError
 
 
 def trainer_problems(found: Findings) -> None:
+    """What the trainer's keys mean together (each key's own range is in ranges.py)."""
     fast_dev_run = found.value("trainer.fast_dev_run", False)
-    max_steps = found.integer("trainer.max_steps", minimum=-1, hint="use a positive number of optimizer steps, "
-                                                                    "or -1 (no limit) with trainer.max_time")
+    max_steps = found.value("trainer.max_steps")
     if max_steps == 0 and not fast_dev_run:
         found.add("trainer.max_steps=0 trains nothing and leaves no checkpoint: use a positive number of steps, "
-                  "e.g. trainer.max_steps=2500")
+                  "e.g. trainer.max_steps=2500", key="trainer.max_steps")
     interval = found.value("trainer.val_check_interval")
-    if is_int(interval):
-        if interval < 1:
-            found.add(f"trainer.val_check_interval={interval} must be a positive number of steps, "
-                      "e.g. trainer.val_check_interval=500")
-        elif is_int(max_steps) and 0 < max_steps < interval and not fast_dev_run:
-            found.add(f"trainer.val_check_interval={interval} is larger than trainer.max_steps={max_steps}: the run "
-                      f"would never validate (no val/loss, no sample grid); use at most {max_steps}, "
-                      f"e.g. trainer.val_check_interval={max_steps}")
-    elif is_number(interval) and not 0 < interval <= 1:
-        found.add(f"trainer.val_check_interval={interval}: a float is a fraction of an epoch and must be in (0, 1]; "
-                  "give whole steps as an int, e.g. trainer.val_check_interval=500")
+    if is_int(interval) and is_int(max_steps) and 0 < max_steps < interval and not fast_dev_run:
+        found.add(f"trainer.val_check_interval={interval} is larger than trainer.max_steps={max_steps}: the run "
+                  f"would never validate (no val/loss, no sample grid); use at most {max_steps}, "
+                  f"e.g. trainer.val_check_interval={max_steps}")
 
 
 # Lightning strategies whose ranks train copies made by fork / spawn: the main process never sees their EMA
@@ -78,37 +72,17 @@ def strategy_problems(found: Findings) -> None:
 
 
 def optimization_problems(found: Findings) -> None:
+    """The optimizer's learning rate and decay whichever optimizer the config names (AdamW's are in ranges.py)."""
     if found.has("optimizer.lr"):
         found.number("optimizer.lr", positive=True, hint="the learning rate must be positive, e.g. optimizer.lr=5e-4")
     if found.has("optimizer.weight_decay"):
         found.number("optimizer.weight_decay", minimum=0, hint="use 0 (none) or a small positive value, e.g. 0.01")
-    if found.has("lr_scheduler.warmup_steps"):
-        found.integer("lr_scheduler.warmup_steps", minimum=0,
-                      hint="a negative warmup trains with a negative learning rate; use 0 (none) or a step count, "
-                           "e.g. lr_scheduler.warmup_steps=200")
-    if found.has("lr_scheduler.final_ratio"):
-        found.number("lr_scheduler.final_ratio", minimum=0, maximum=1, hint="the share of optimizer.lr at the end")
-    if found.has("vae.lr"):
-        found.number("vae.lr", positive=True, hint="the learning rate must be positive, e.g. vae.lr=1e-3")
 
 
 def schedule_problems(found: Findings) -> None:
-    if found.has("schedule.num_timesteps"):
-        found.integer("schedule.num_timesteps", minimum=1, hint="a discrete schedule needs steps, "
-                                                                "e.g. schedule.num_timesteps=1000")
-    if found.has("schedule.shift"):
-        found.number("schedule.shift", positive=True, hint="1 is no shift, SD3 uses 3")
-    if found.has("schedule.sigma_min"):
-        low = found.number("schedule.sigma_min", positive=True, hint="EDM uses 0.002")
-        high = found.number("schedule.sigma_max", positive=True, hint="EDM uses 80")
-        if is_number(low) and is_number(high) and low >= high:
-            found.add(f"schedule.sigma_min={low} must be smaller than schedule.sigma_max={high}")
-    if found.has("schedule.sigma_data"):
-        found.number("schedule.sigma_data", positive=True, hint="EDM uses 0.5")
-    if found.has("diffusion.sample_steps"):
-        found.integer("diffusion.sample_steps", minimum=1, hint="the sampler steps of the sample grids, e.g. 25")
-    if found.has("diffusion.sample_guidance"):
-        found.number("diffusion.sample_guidance", minimum=0, hint="1 is plain conditional sampling, 0 unconditional")
+    low, high = found.value("schedule.sigma_min"), found.value("schedule.sigma_max")
+    if is_number(low) and is_number(high) and low >= high:
+        found.add(f"schedule.sigma_min={low} must be smaller than schedule.sigma_max={high}")
 
 
 def model_problems(found: Findings) -> None:
@@ -120,10 +94,6 @@ def model_problems(found: Findings) -> None:
     if is_int(latent_size) and image_size % downsample:
         found.value("model.input_size")  # its resolver names the sizes that would divide
         latent_size = UNKNOWN
-    for key in ("depth", "hidden_size", "num_heads", "patch_size", "num_res_blocks", "channels"):
-        if found.has(f"model.{key}"):
-            hint = "a DiT with no blocks does not learn; e.g. model.depth=6" if key == "depth" else ""
-            found.integer(f"model.{key}", minimum=1, hint=hint)
     in_channels = found.value("model.in_channels")
     if is_int(in_channels) and is_int(latent_channels) and in_channels != latent_channels:
         found.add(f"model.in_channels={in_channels} but the autoencoder makes {latent_channels}-channel latents "
@@ -158,30 +128,13 @@ def run_problems(found: Findings) -> None:
     found.integer("seed", hint="e.g. seed=0")
     for key in ("data.batch_size", "data.channels"):
         found.integer(key, minimum=1)
-    if found.has("data.num_workers"):
-        found.integer("data.num_workers", minimum=0, hint="0 loads in the main process")
-    if found.has("data.val_fraction"):
-        fraction = found.number("data.val_fraction", allow_none=True)
-        if is_number(fraction) and not 0 < fraction < 1:
-            found.add(f"data.val_fraction={fraction} leaves no "
-                      f"{'validation' if fraction <= 0 else 'training'} images (the run would fail at its first "
-                      "validation): use a fraction between 0 and 1, e.g. data.val_fraction=0.05")
-    embedders = found.node("conditioner.embedders")
-    drop_keys = ["conditioner.drop_rate"] + [f"conditioner.embedders.{i}.drop_rate"
-                                            for i in range(len(embedders) if OmegaConf.is_list(embedders) else 0)]
-    for key in drop_keys:
-        if found.has(key):
-            found.number(key, minimum=0, maximum=1, hint="the share of training samples whose condition is dropped")
-    callbacks = found.node("callbacks")
-    for name in callbacks.keys() if OmegaConf.is_dict(callbacks) else ():
-        if found.has(f"callbacks.{name}.decay"):
-            found.number(f"callbacks.{name}.decay", minimum=0, maximum=1, hint="an EMA decay such as 0.995")
 
 
 def training_problems(cfg: DictConfig) -> list[str]:
     """Every semantic problem of a composed training config, one line each."""
     found = Findings(cfg)
     task = found.value("task", "diffusion")
+    range_problems(found)
     trainer_problems(found)
     strategy_problems(found)
     optimization_problems(found)
