@@ -180,3 +180,12 @@ def test_every_numeric_key_refuses_an_out_of_range_value(nothing_built):
     count = sum(map(len, cases.values()))
     print(f"\n{count} out-of-range values on {len(numeric_keys())} keys refused, in {len(cases)} checks")
     assert not slipped, f"accepted by the config check: {slipped}"
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_number_check_refuses_what_is_not_finite(value):
+    from ldm.checks.findings import Findings
+
+    found = Findings(OmegaConf.create({"guidance": value}))
+    assert found.number("guidance", minimum=0) is not None and found.problems == [
+        f"guidance={value} is not a finite number"]
