@@ -26,6 +26,10 @@ def sampling_problems(cfg: DictConfig) -> list[str]:
     argument_problems(found, n_minimum=1, n_hint="the number of images to draw, e.g. n=100")
     run_problems(found, "sample.py")
     checkpoint_problems(found, ("last", "best"))
+    out = found.value("out")
+    if out is not None and not str(out).endswith(".npz"):
+        found.add(f"out={out}: sample.py writes an .npz archive (and a .png grid beside it); give a name ending "
+                  f"in .npz, e.g. out={Path(str(out)).with_suffix('.npz')}")
     return found.problems
 
 

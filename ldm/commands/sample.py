@@ -88,6 +88,16 @@ def sample(cfg: DictConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, images=images, **stored)
     per_row = run_cfg.data.get("num_classes") or 10
-    grid = save_png(make_grid(images[: per_row * 10], per_row), out.with_suffix(".png"), upscale=2)
+    shown = grid_order(stored["labels"], per_row)
+    grid = save_png(make_grid(images[shown], per_row), out.with_suffix(".png"), upscale=2)
     log.info("wrote %d samples to %s (grid %s)", len(images), out, grid)
     return out
+
+
+def grid_order(labels: np.ndarray, per_row: int, rows: int = 10) -> list[int]:
+    """The samples the PNG grid shows: one column per class (its first `rows` samples, row by row) where labels
+    were asked, else the first `per_row * rows`."""
+    if (labels < 0).all():
+        return list(range(min(len(labels), per_row * rows)))
+    by_class = [np.flatnonzero(labels == label)[:rows] for label in range(per_row)]
+    return [int(column[row]) for row in range(rows) for column in by_class if row < len(column)]

@@ -177,7 +177,34 @@ class LatentDiffusion(FusedClipping, L.LightningModule):
                     "and conditioner weight files and seed")
         frozen = {f"{name}.{key}": value for name, part in self.frozen_parts().items()
                   for key, value in part.state_dict().items()}
-        return {**frozen, **checkpoint["state_dict"]}
+        full = {**frozen, **checkpoint["state_dict"]}
+        if problem := self.architecture_mismatch(full):
+            raise CheckpointError(f"the checkpoint is of another model than this run's config builds: {problem}")
+        return full
+
+    def architecture_mismatch(self, state: dict[str, torch.Tensor]) -> str | None:
+        """The first tensor whose shape (or presence) differs between `state` and this module, with the config
+        group that sets it; None when they fit. Attention projections stored unfused (older files) are not
+        compared: loading fuses them."""
+        own = self.state_dict()
+        group = {"denoiser": "model", "conditioner": "conditioner", "autoencoder": "autoencoder"}
+
+        def where(name: str) -> str:
+            key = group.get(name.split(".")[0])
+            return f" (set by the {key}.* keys)" if key else ""
+
+        for name, value in own.items():
+            if name in state and tuple(state[name].shape) != tuple(value.shape):
+                return (f"{name} has shape {tuple(state[name].shape)} in the checkpoint and {tuple(value.shape)} "
+                        f"here{where(name)}")
+        fused = (".to_q.", ".to_kv.", ".to_qkv.")
+        missing = [name for name in own if name not in state and not any(part in name for part in fused)]
+        extra = [name for name in state if name not in own and not any(part in name for part in fused)]
+        if missing or extra:
+            name = (missing or extra)[0]
+            side = "the checkpoint has no" if missing else "this model has no"
+            return f"{side} {name}{where(name)}"
+        return None
 
     def load_checkpoint(self, checkpoint: dict, ema: bool = True) -> None:
         """Load a training checkpoint's weights: the EMA average where it has one (and `ema`), else the raw ones."""
