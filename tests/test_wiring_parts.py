@@ -376,3 +376,50 @@ def test_the_cache_key_follows_what_the_data_is_not_how_it_is_loaded():
     assert key([], split="val") != base
     for change in ("data.image_size=16", "data=shapes"):
         assert key([change]) != base, change
+
+
+# ---- a short real run: what it logs and saves ---------------------------------------------------------------
+
+
+def test_a_run_logs_torchs_learning_rates_saves_the_hand_computed_ema_and_trains_on_raw_weights(tmp_path):
+    """12 steps, validation at 6 and 12: the logged learning rate of every parameter group is torch's linear warmup
+    then cosine annealing, ema_state_dict is the EMA of the weights after each step from step 4, and each step
+    starts from the weights the previous one left, validation (run with the EMA) in between."""
+    import csv
+
+    from conftest import train_run
+    from probes import RecordSteps
+
+    from ldm.utils.checkpoint import load_checkpoint
+
+    warmup, total, lr, final, decay, start = 3, 12, 1e-3, 0.2, 0.8, 4
+    train_run(TINY + ["logger=csv", "callbacks.sample_grid=null", "callbacks.sample_metrics=null",
+                      f"trainer.max_steps={total}", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
+                      "+data.val_batch_size=100", "lr_scheduler=warmup_cosine", f"lr_scheduler.warmup_steps={warmup}",
+                      f"lr_scheduler.final_ratio={final}", f"optimizer.lr={lr}", f"callbacks.ema.decay={decay}",
+                      f"callbacks.ema.update_starting_at_step={start}", "optimizer.weight_decay=0.01",
+                      "+callbacks.record._target_=probes.RecordSteps"], tmp_path)
+
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    columns = sorted(k for k in rows[0] if k.startswith("lr-"))
+    assert len(columns) == 2, columns  # the decayed and the undecayed group
+    linear = _lrs(lambda o: torch.optim.lr_scheduler.LinearLR(o, 1 / warmup, 1.0, total_iters=warmup - 1), warmup, lr)
+    cosine = _lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total - warmup, eta_min=final * lr),
+                  total - warmup, lr)
+    for column in columns:
+        logged = {int(r["step"]): float(r[column]) for r in rows if r.get(column)}
+        assert [logged.get(s) for s in range(total)] == pytest.approx(linear + cosine, rel=1e-5), column
+
+    after, before = RecordSteps.after, RecordSteps.before
+    assert sorted(after) == list(range(1, total + 1)) and sorted(before) == list(range(total))
+    for step in range(1, total):
+        for name, value in after[step].items():
+            assert torch.equal(before[step][name], value), f"step {step + 1} did not start from step {step}'s {name}"
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == total
+    for name, value in checkpoint["ema_state_dict"].items():
+        average = after[start][name].clone()
+        for step in range(start + 1, total + 1):
+            average = decay * average + (1 - decay) * after[step][name]
+        torch.testing.assert_close(value, average, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(checkpoint["state_dict"][name], after[total][name], rtol=0, atol=0, msg=name)
