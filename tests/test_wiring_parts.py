@@ -85,6 +85,7 @@ def test_decode_inverts_a_measured_shift_and_scale(tmp_path):
     z = module.latents({"image": images}, sample=False)
     assert module.latent_shift.abs().item() > 0.05  # digits are mostly background: a visible mean to remove
     assert z.mean().item() == pytest.approx(0.0, abs=0.15)
+    assert z.std().item() == pytest.approx(module.schedule.data_std, rel=0.1)  # scaled after the shift is removed
     torch.testing.assert_close(module.decode(z), images.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
 
@@ -107,6 +108,27 @@ def test_training_step_drops_the_class_for_a_tenth_of_the_rows(tmp_path, monkeyp
         torch.testing.assert_close(vector[~is_null], table[batch["label"][~is_null]])
         dropped, kept = dropped + int(is_null.sum()), kept + int((~is_null).sum())
     assert dropped / (dropped + kept) == pytest.approx(0.1, abs=0.03)  # conf/conditioner/class.yaml
+
+
+def test_loading_a_checkpoint_takes_its_ema_or_its_raw_weights(tmp_path):
+    from ldm.utils.checkpoint import EMA_KEY
+
+    module, _ = _pixel_module(tmp_path)
+    checkpoint = {"state_dict": {k: v.clone() for k, v in module.state_dict().items()}}
+    module.on_save_checkpoint(checkpoint)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("autoencoder.")]
+    raw = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    checkpoint[EMA_KEY] = {n: v + 1.0 for n, v in raw.items()}
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+        module.latent_scale.fill_(7.0)
+    for ema, offset in ((True, 1.0), (False, 0.0)):
+        module.load_checkpoint(checkpoint, ema=ema)
+        params = dict(module.named_parameters())
+        for name, value in raw.items():
+            torch.testing.assert_close(params[name].detach(), value + offset, msg=f"{name} (ema={ema})")
+    assert module.latent_scale.item() == pytest.approx(checkpoint["state_dict"]["latent_scale"].item())
 
 
 # ---- the conditioner --------------------------------------------------------------------------------------
@@ -280,6 +302,35 @@ def test_parameter_groups_leave_out_frozen_parameters():
     assert {id(p) for p in grouped} == {id(net.trained.weight), id(net.trained.bias)}
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_the_trainers_clipping_hook_clips_as_torch_does_under_bf16(algorithm):
+    """Lightning calls `configure_gradient_clipping` with the config's value and algorithm; under bf16 with the fused
+    AdamW the result must be torch's clip_grad_norm_ / clip_grad_value_."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from ldm.tasks.optim import FusedClipping
+
+    class Clipped(FusedClipping, nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 8)
+            self.trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+
+    module = Clipped()
+    grads = [10 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+             for i, p in enumerate(module.parameters())]
+    for parameter, grad in zip(module.parameters(), grads, strict=True):
+        parameter.grad = grad.clone()
+    expected = [g.clone().requires_grad_() for g in grads]  # torch clips .grad of these stand-ins
+    for stand_in, grad in zip(expected, grads, strict=True):
+        stand_in.grad = grad.clone()
+    clip = torch.nn.utils.clip_grad_norm_ if algorithm == "norm" else torch.nn.utils.clip_grad_value_
+    clip(expected, 0.5)
+    module.configure_gradient_clipping(torch.optim.AdamW(module.parameters(), fused=True), 0.5, algorithm)
+    for parameter, stand_in in zip(module.parameters(), expected, strict=True):
+        torch.testing.assert_close(parameter.grad, stand_in.grad)
+
+
 # ---- data order -----------------------------------------------------------------------------------------
 
 
@@ -316,6 +367,10 @@ def test_resume_mid_epoch_continues_the_permutation_and_the_next_epoch_is_whole(
     resumed.resume_at(1, 12)
     assert list(resumed) == full[12:]
     assert _epoch(resumed, 2) == following
+    # the data module hands its resume position to every loader it makes: in a later epoch it must not cut it
+    reloaded = EpochShuffle(40, seed=7, batch_size=4)
+    reloaded.resume_at(1, 12)
+    assert _epoch(reloaded, 2) == following
 
 
 class _Indexed(torch.utils.data.Dataset):
