@@ -35,3 +35,23 @@ class FirstStep(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         FirstStep.seen = trainer.global_step
+
+
+class RecordSteps(L.Callback):
+    """Keeps the trainable weights after every optimizer step, and those each step starts from."""
+
+    after: dict[int, dict[str, torch.Tensor]] = {}
+    before: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        RecordSteps.after, RecordSteps.before = {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        RecordSteps.before[trainer.global_step] = _trainable(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        RecordSteps.after[trainer.global_step] = _trainable(pl_module)
+
+
+def _trainable(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
