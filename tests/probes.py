@@ -1,5 +1,9 @@
 """Callbacks that tests add to real runs: stop abruptly at a step, or record the weights at the end."""
 
+import os
+import signal as signal_module
+from pathlib import Path
+
 import lightning as L
 import torch
 
@@ -55,3 +59,42 @@ class RecordSteps(L.Callback):
 
 def _trainable(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+class NaNAt(L.Callback):
+    """Plants NaNs in the trainable weights at the start of step `step`, so that step's loss is not finite."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+
+class SignalAt(L.Callback):
+    """Sends this process `signal` after step `step`, once: `marker` is created then, and a rerun leaves it be."""
+
+    def __init__(self, step: int, marker: str, signal: str = "SIGTERM"):
+        self.step, self.marker, self.signal = step, marker, signal
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+
+class StartState(L.Callback):
+    """Records the trainable weights, the optimizer's state and the step when training starts."""
+
+    weights: dict[str, torch.Tensor] = {}
+    optimizer_state: dict = {}
+    step: int | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        StartState.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        StartState.optimizer_state = dict(trainer.optimizers[0].state)
+        StartState.step = trainer.global_step

@@ -1,5 +1,5 @@
-"""`last.ckpt`, rewritten at every validation, when training ends, and when a scheduler asks the job to stop
-before requeueing it (ldm/run/requeue.py): what `resume=auto` continues from.
+"""`last.ckpt`, rewritten at every validation, when training ends, and when the job is told to stop (SIGTERM,
+or a scheduler's signal before it requeues the job: ldm/run/requeue.py): what `resume=auto` continues from.
 
 Before each rewrite the current `last.ckpt` is kept as `previous.ckpt` (a hard link, so no copy is
 made, though the older weights stay on disk). If `last.ckpt` cannot be read (a disk fault, a copy cut
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Checkpoint
 
-from ldm.run.requeue import RequeueRequest, requeue_signal
+from ldm.run.requeue import StopRequest, stop_signals
 from ldm.utils.checkpoint import LAST, PREVIOUS
 from ldm.utils.files import keep_copy, remove_partial_files
 
@@ -33,11 +33,16 @@ class LastCheckpoint(Checkpoint):
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
         self._saved_step = -1
-        self._requeue: RequeueRequest | None = None
+        self._stop: StopRequest | None = None
 
     @property
     def path(self) -> Path:
         return self.dirpath / LAST
+
+    @property
+    def saved_step(self) -> int:
+        """The step of the last save (or of the checkpoint the run resumed from); -1 before any."""
+        return self._saved_step
 
     def setup(self, trainer, pl_module, stage):
         if trainer.is_global_zero:
@@ -55,14 +60,12 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer, pl_module):
         # after Lightning's own handlers, which it restores when fit ends (so this one goes with them)
-        signum = requeue_signal()
-        self._requeue = RequeueRequest(signum) if signum is not None else None
+        self._stop = StopRequest(stop_signals())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._requeue is not None and self._requeue.due(trainer):
+        if self._stop is not None and self._stop.due(trainer):
             self._save(trainer)
-            log.info("stopping for the requeue after step %d, saved in %s", trainer.global_step, self.path)
-            self._requeue.hand_over()
+            self._stop.hand_over(trainer.global_step, self.path)
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn == "fit":

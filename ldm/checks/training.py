@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checks.data import data_problems
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
 from ldm.checks.keys import check_config
+from ldm.checks.other_runs import init_from_problems, resume_settings_problems
 from ldm.checks.ranges import range_problems
 from ldm.checks.run_dir import resume_problems
 from ldm.checks.weights import published_weight_problems
@@ -145,6 +146,8 @@ def training_problems(cfg: DictConfig) -> list[str]:
         model_problems(found)
         published_weight_problems(found)
     resume_problems(found)
+    resume_settings_problems(found)
+    init_from_problems(found)
     return found.problems
 
 

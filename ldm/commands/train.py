@@ -19,10 +19,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks.ema import find_ema
+from ldm.callbacks.finite_loss import StopOnNonFiniteLoss
 from ldm.checks.hydra import CheckTrainingConfig, checked_by_hydra
 from ldm.checks.training import check_training
 from ldm.run.build import resolve_precision
 from ldm.run.checkpoint_io import AtomicCheckpointIO
+from ldm.run.init_from import init_from_run
 from ldm.run.ranks import job_ranks, rank_config
 from ldm.run.requeue import cluster_plugins
 from ldm.run.tasks import TASKS
@@ -83,7 +85,8 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:  # a resumed run continues its logs from the checkpoint's step
         if hasattr(logger, "resume_step"):
             logger.resume_step = resume_step
-    callbacks = _instantiate_group(cfg.get("callbacks"))
+    # a NaN or infinite loss stops the run before it reaches the weights (whatever the callbacks config says)
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), StopOnNonFiniteLoss()]
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
@@ -98,6 +101,9 @@ def train(cfg: DictConfig) -> float | None:
     module = task.prepare(cfg, datamodule, trainer.strategy.root_device)
     if resume_path:
         log.info("resuming from %s (step %d)", resume_path, resume_step)
+    elif cfg.get("init_from"):  # only when the run starts: a rerun of the same command resumes its own last.ckpt
+        step = init_from_run(module, cfg.init_from)
+        log.info("starting from the weights of %s (its step %d), with a fresh optimizer", cfg.init_from, step)
     with job_ranks(trainer, lambda: rank_config(cfg, str(run_dir.resolve()), resume_path)):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
         if trainer.is_global_zero:
