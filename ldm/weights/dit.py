@@ -63,6 +63,8 @@ DIFFUSERS_CLASSES = EMBEDDERS.format(0) + "class_embedder.embedding_table.weight
 # per format: its patch embedding, its output projection, its class table, and the time sinusoids'
 # model.time_frequency_shift values that give its reference outputs (the published code's 0; diffusers'
 # DiTTransformer2DModel's 1, which it also computes on the published weights it converts)
+# the time convention of a DiT this project exported, as for a UNet (diffusers skips keys starting with "_")
+TIME_SCALE_KEY = "_ldm_time_scale"
 FORMATS = {PUBLISHED: ("x_embedder.proj.weight", "final_layer.linear.weight", PUBLISHED_CLASSES, (0, 1)),
            DIFFUSERS: ("pos_embed.proj.weight", "proj_out_2.weight", DIFFUSERS_CLASSES, (1,))}
 
@@ -274,21 +276,35 @@ def export_problems(dit: nn.Module, class_embedder) -> list[str]:
         problems.append("set model.concat_channels=0 (it has no concatenated input)")
     if any(".cross_attn." in key for key in own):
         problems.append("set model.context_dim=null (it has no cross-attention)")
-    if class_embedder is None or not isinstance(dit.vector_embedder, nn.Identity):
-        problems.append(f"it needs a class embedder of width {hidden} added as it is (conditioner=imagenet)")
-    elif class_embedder.embedding.weight.shape[1] != hidden:
-        problems.append(f"the class embedder has width {class_embedder.embedding.weight.shape[1]}, not {hidden}")
+    if class_embedder is None or dit.vector_embedder is None:
+        problems.append("its condition is a class table added to the time embedding: the run needs a "
+                        "conditioner whose only vector is a class table (conditioner=class or imagenet)")
+    elif class_embedder.embedding.weight.shape[1] != vector_width(dit, hidden):
+        problems.append(f"the class embedder has width {class_embedder.embedding.weight.shape[1]}, the DiT takes "
+                        f"vectors of width {vector_width(dit, hidden)}")
     if own["blocks.0.mlp.net.0.0.weight"].shape[0] != 4 * hidden:
         problems.append("set model.mlp_ratio=4 (its feed-forward width is 4x)")
     if dit.pos_embed_layout != POS_EMBED_LAYOUT:
-        problems.append(f"set model.pos_embed_layout={POS_EMBED_LAYOUT} (its position embedding)")
+        problems.append(f"set model.pos_embed_layout={POS_EMBED_LAYOUT} (its position embedding) and train anew")
     if dit.t_embedder.frequency_shift != 1:
-        problems.append("set model.time_frequency_shift=1 (its time sinusoids)")
-    if dit.t_embedder.time_scale != 1:
-        problems.append("set model.time_scale=1 with schedule.time_input=level (it takes the integer level k)")
+        problems.append("set model.time_frequency_shift=1 and train anew (its time sinusoids are 10000^(-i/127); "
+                        "no timestep it is given turns them into this DiT's)")
     if dit.t_embedder.frequency_dim != 256:
         problems.append("its time embedding has 256 sinusoids")
     return problems
+
+
+def vector_width(dit: nn.Module, hidden: int) -> int:
+    """The width of the vectors the DiT takes: its projection's input, or its own width when added as they are."""
+    projection = dit.vector_embedder
+    return projection.in_features if isinstance(projection, nn.Linear) else hidden
+
+
+@torch.no_grad()
+def folded_class_table(dit: nn.Module, class_embedder) -> Tensor:
+    """The class table as the DiT adds it to the time embedding: each row through the DiT's vector projection
+    (a function of the label alone, so diffusers' table holds it exactly)."""
+    return dit.vector_embedder(class_embedder.embedding.weight.float())
 
 
 def diffusers_state(own: dict[str, Tensor], class_table: Tensor, depth: int) -> dict[str, Tensor]:
@@ -309,8 +325,13 @@ def diffusers_state(own: dict[str, Tensor], class_table: Tensor, depth: int) -> 
     return {key: value.detach().float().cpu().contiguous().clone() for key, value in out.items()}
 
 
-def to_diffusers(dit: nn.Module, class_embedder, directory: str | Path) -> Path:
-    """Write `dit` and its `class_embedder` (a ClassEmbedder) as a diffusers DiTTransformer2DModel directory."""
+def to_diffusers(dit: nn.Module, class_embedder, directory: str | Path, notes: dict | None = None) -> Path:
+    """Write `dit` and its `class_embedder` (a ClassEmbedder) as a diffusers DiTTransformer2DModel directory.
+
+    The diffusers model takes `t * model.time_scale` as its timestep (t: the time this DiT is given);
+    config.json records the scale under `_ldm_time_scale`, and `notes` (more `_ldm_*` keys): diffusers
+    ignores config keys that start with "_".
+    """
     problems = export_problems(dit, class_embedder)
     if problems:
         raise WeightsError([f"to_diffusers: diffusers' DiTTransformer2DModel cannot reproduce this DiT: {line}"
@@ -324,10 +345,11 @@ def to_diffusers(dit: nn.Module, class_embedder, directory: str | Path) -> Path:
         "sample_size": dit.input_size[0], "patch_size": dit.patch_size, "activation_fn": "gelu-approximate",
         "num_embeds_ada_norm": class_embedder.num_classes, "upcast_attention": False, "norm_type": "ada_norm_zero",
         "norm_elementwise_affine": False, "norm_eps": 1e-6,  # this project's layer norms
+        TIME_SCALE_KEY: float(dit.t_embedder.time_scale), **(notes or {}),
     }
     directory = Path(directory)
     with atomic_write(directory / "diffusion_pytorch_model.safetensors") as handle:
-        handle.write(save(diffusers_state(own, class_embedder.embedding.weight, depth)))
+        handle.write(save(diffusers_state(own, folded_class_table(dit, class_embedder), depth)))
     with atomic_write(directory / "config.json") as handle:
         handle.write(json.dumps(config, indent=2).encode())
     return directory
