@@ -8,13 +8,16 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, train_run
+from conftest import TINY, compose_config, train_run
 from diffusers import DiTTransformer2DModel
 
+from ldm.checks.training import check_training
 from ldm.commands.export import export, main
 from ldm.contracts.conditioning import Conditioning
+from ldm.run.build import build_diffusion
 from ldm.run.load import build_run, read_run_config
 from ldm.utils.checkpoint import EMA_KEY
+from ldm.utils.errors import ConfigError
 from ldm.weights.files import WeightsError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +61,18 @@ def test_default_dit_run_exports_to_diffusers(tmp_path, capsys):
     difference = ((theirs - ours).abs().max() / ours.abs().max()).item()
     print(f"default DiT run -> diffusers: largest relative difference {difference:.2e}")
     assert difference <= 1e-4
+
+    # and back: the export loads as model.weights, under the time convention it records
+    reload = [*SHORT, "conditioner=imagenet", f"conditioner.embedders.0.num_classes={table.num_classes}",
+              "conditioner.embedders.0.class_names=null", f"model.weights={tmp_path / 'out'}"]
+    back = compose_config(reload)
+    check_training(back)
+    with pytest.raises(ConfigError, match="model.time_scale=1000"):
+        check_training(compose_config([*reload, "model.time_scale=1"]))
+    loaded = build_diffusion(back).eval()
+    with torch.no_grad():
+        again = loaded.denoiser(x_in, t_in, Conditioning(vector=loaded.conditioner.embedders[0].embedding(labels)))
+    assert ((again - ours).abs().max() / ours.abs().max()).item() <= 1e-4
 
 
 def test_class_unet_run_is_refused_naming_why(tmp_path):

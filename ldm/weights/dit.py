@@ -26,6 +26,7 @@ from torch import nn
 
 from ldm.utils.files import atomic_write
 from ldm.weights.files import (
+    ABSENT,
     LEVEL_TIME,
     Conventions,
     WeightsError,
@@ -167,20 +168,29 @@ def read_dit(path: str | Path) -> DiTWeights:
 def conventions(path: str | Path) -> Conventions:
     """What a DiT file fixes beyond its shapes (read from its header): time input, time sinusoids, position
     embedding, the variance half of its output, and its class table."""
-    file, _ = find_weights(path, subfolder="transformer")
+    file, config = find_weights(path, subfolder="transformer")
     shapes = tensor_shapes(file)
     form = file_format(shapes, file)
     patch_embed, output, classes, shifts = FORMATS[form]
     _, in_channels, patch = shapes[patch_embed][:3]
-    settings = {"model.pos_embed_layout": (POS_EMBED_LAYOUT,), "model.time_frequency_shift": shifts, **LEVEL_TIME}
+    scale = trained_time_scale(config)
+    time = LEVEL_TIME if scale == 1 else {"model.time_scale": (scale,), "schedule.time_input": ("unit", ABSENT)}
+    settings = {"model.pos_embed_layout": (POS_EMBED_LAYOUT,), "model.time_frequency_shift": shifts, **time}
     out_channels = shapes[output][0] // patch ** 2
     if out_channels in (in_channels, 2 * in_channels):  # other counts: the load names model.out_channels
         settings["model.learn_sigma"] = (out_channels == 2 * in_channels,)
     table = shapes.get(classes)
-    description = f"a DiT in the {form}, trained on the integer DDPM level k"
+    trained_on = ("the integer DDPM level k" if scale == 1
+                  else f"t * {scale:g} for t in [0, 1] (exported by this project)")
+    description = f"a DiT in the {form}, trained on {trained_on}"
     if table is not None:
         description += f", with a class table of {table[0] - 1} classes and the null class"
     return Conventions(description, settings, tuple(table) if table is not None else None)
+
+
+def trained_time_scale(config: dict | None) -> float:
+    """The model.time_scale the file's DiT was trained with: 1 (the level k) unless this project exported it."""
+    return float((config or {}).get(TIME_SCALE_KEY, 1))
 
 
 def read_class_table(path: str | Path) -> Tensor:
@@ -223,8 +233,9 @@ def architecture_problems(model: nn.Module, weights: DiTWeights) -> list[str]:
             problems.append(f"set model.out_channels={file_out}, or {file_out // 2} with model.learn_sigma=true "
                             f"(the file predicts {file_out} channels)")
     want("model.pos_embed_layout", POS_EMBED_LAYOUT, model.pos_embed_layout, ": the position embedding DiT adds")
-    want("model.time_scale", 1, model.t_embedder.time_scale, "; with schedule.time_input=level: the network was "
-         "trained on the integer DDPM level k")
+    scale = trained_time_scale(weights.config)
+    want("model.time_scale", scale, model.t_embedder.time_scale, "; with schedule.time_input=level: the network was "
+         "trained on the integer DDPM level k" if scale == 1 else ": the network was exported with this time scale")
     shifts = FORMATS[weights.form][3]
     if model.t_embedder.frequency_shift not in shifts:
         want("model.time_frequency_shift", shifts[0], model.t_embedder.frequency_shift, f": the {weights.form}'s "
