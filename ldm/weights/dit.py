@@ -188,9 +188,9 @@ def conventions(path: str | Path) -> Conventions:
     return Conventions(description, settings, tuple(table) if table is not None else None)
 
 
-def trained_time_scale(config: dict | None) -> float:
+def trained_time_scale(config: dict | None) -> float | int:
     """The model.time_scale the file's DiT was trained with: 1 (the level k) unless this project exported it."""
-    return float((config or {}).get(TIME_SCALE_KEY, 1))
+    return (config or {}).get(TIME_SCALE_KEY, 1)
 
 
 def read_class_table(path: str | Path) -> Tensor:
