@@ -9,6 +9,8 @@ last) into `ClassEmbedder`; `to_diffusers` writes a diffusers directory back. Be
   code's sinusoids are 10000^(-i/128) (model.time_frequency_shift=0), diffusers' 10000^(-i/127)
   (shift 1). A diffusers file needs shift 1; on the published file, the shift picks whose outputs are
   reproduced (the paper's code, or diffusers' on the converted weights).
+  A DiT this project exported records its model.time_scale under `_ldm_time_scale` in config.json
+  (diffusers' timestep is t * scale), and its class table as the DiT adds it (through vector_embedder).
 - learned sigma: 2C output channels (model.learn_sigma=true), the variance half dropped.
 - diffusers keeps a copy of the timestep and class embedders in every block: block 0's is used, and
   the others must equal it.
