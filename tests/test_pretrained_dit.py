@@ -167,8 +167,9 @@ def test_to_diffusers_gives_identical_outputs(files, tmp_path):
     difference = compare_at_levels(dit, conditioner.eval(), hydra.utils.instantiate(cfg.schedule), exported)
     print(f"to_diffusers: largest relative difference {difference:.2e}")
     assert difference <= 1e-4
-    with pytest.raises(WeightsError, match="set model.time_scale=1"):
-        dit.t_embedder.time_scale = 1000.0
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["_ldm_time_scale"] == 1.0
+    with pytest.raises(WeightsError, match="set model.time_frequency_shift=1 and train anew"):
+        dit.t_embedder.frequency_shift = 0.0
         to_diffusers(dit, conditioner.embedders[0], tmp_path / "refused")
 
 

@@ -97,21 +97,21 @@ ROWS = {
                                    "model.time_scale=1000"], "set model.time_scale=1"),
     "sd_original/ddpm": ("sd_original", ["model=unet_sd", "schedule=ddpm"], "set schedule.time_input=level"),
     "sd_original/ddpm_level": ("sd_original", ["model=unet_sd", "schedule=ddpm", "schedule.time_input=level"], None),
-    "dit/defaults": ("dit", ["model=dit"], "set model.pos_embed_layout=col_sin_cos model.time_frequency_shift=1 "
-                     "model.time_scale=1 schedule=ddpm schedule.time_input=level model.learn_sigma=true "
-                     "conditioner=imagenet"),
+    "dit/defaults": ("dit", ["model=dit"], "set model.time_scale=1 schedule=ddpm schedule.time_input=level "
+                     "model.learn_sigma=true conditioner=imagenet"),
     "dit/flags_class": ("dit", ["model=dit", *DIT_FLAGS, "model.time_frequency_shift=1",
                                 f"conditioner.vector_dim={HIDDEN}"], "set conditioner=imagenet"),
-    "dit/flags_shift0": ("dit", ["model=dit", *DIT_FLAGS, "conditioner=imagenet"],
+    "dit/flags_shift0": ("dit", ["model=dit", *DIT_FLAGS, "model.time_frequency_shift=0", "conditioner=imagenet"],
                          "set model.time_frequency_shift=1"),
     "dit/flags_imagenet": ("dit", ["model=dit", *DIT_FLAGS, "model.time_frequency_shift=1", "conditioner=imagenet"],
                            None),
-    "dit_published/defaults": ("dit_published", ["model=dit"], "set model.pos_embed_layout=col_sin_cos "
-                               "model.time_scale=1 schedule=ddpm schedule.time_input=level model.learn_sigma=true "
-                               "conditioner=imagenet"),
-    "dit_published/flags_class": ("dit_published", ["model=dit", *DIT_FLAGS, f"conditioner.vector_dim={HIDDEN}"],
+    "dit_published/defaults": ("dit_published", ["model=dit"], "set model.time_scale=1 schedule=ddpm "
+                               "schedule.time_input=level model.learn_sigma=true conditioner=imagenet"),
+    "dit_published/flags_class": ("dit_published", ["model=dit", *DIT_FLAGS, "model.time_frequency_shift=0",
+                                                    f"conditioner.vector_dim={HIDDEN}"],
                                   "set conditioner=imagenet"),
-    "dit_published/flags_imagenet": ("dit_published", ["model=dit", *DIT_FLAGS, "conditioner=imagenet"], None),
+    "dit_published/flags_imagenet": ("dit_published", ["model=dit", *DIT_FLAGS, "model.time_frequency_shift=0",
+                                                       "conditioner=imagenet"], None),
 }
 
 

@@ -5,12 +5,21 @@
 The denoiser (a `unet_sd`-layout UNet, or a DiT with its class table) goes to `OUT/unet` or
 `OUT/transformer`, the SD autoencoder to `OUT/vae`, each a directory that diffusers'
 `from_pretrained` loads. The EMA weights are written when the checkpoint has them (`ema=false`: raw).
+
+Time: diffusers' `timestep` is the time the run's network sees, `model.time_scale` times the
+schedule's `model_input(x_t, t)` time (for the flow schedule: 1000 t). The denoiser's config.json
+says so under `_ldm_time_scale` and `_ldm_timestep` (diffusers ignores keys that start with "_"), and
+the command prints it. A DiT's class table goes into diffusers' table as the DiT adds it to its time
+embedding (through model.vector_embedder); its last row is the null class of guidance.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import torch
 
 from ldm.autoencoders.sd_vae import SDAutoencoder
 from ldm.models.dit import DiT
@@ -23,15 +32,36 @@ from ldm.weights import dit, unet, vae
 PARTS = ("denoiser", "autoencoder")
 
 
+def timestep_note(schedule, time_scale: float) -> dict[str, str]:
+    """What a diffusers caller passes as `timestep` (and `sample`), in the schedule's own terms."""
+    times = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    seen = schedule.model_input(torch.ones(2, 1, 1, 1, dtype=torch.float64), times)[1] * time_scale
+    name = type(schedule).__name__
+    return {"_ldm_timestep": f"timestep = {time_scale:g} * schedule.model_input(x_t, t)[1] of {name} "
+                             f"(sample = schedule.model_input(x_t, t)[0]); at t=1: {seen[0].item():g}, "
+                             f"at t=0.5: {seen[1].item():g}"}
+
+
+def class_table(conditioner):
+    """The conditioner's class embedder when it makes the whole condition vector (None otherwise)."""
+    vectors = [e for e in conditioner.embedders if "vector" in e.fields]
+    tables = [e for e in vectors if hasattr(e, "embedding")]
+    if len(vectors) > 1 or not tables:
+        return None
+    return tables[0]
+
+
 def exporter(part: str, module):
     """(subfolder, function writing the part to a directory) for the network class of a run's part."""
     if part == "denoiser":
         network = module.denoiser
         if isinstance(network, UNet):
-            return "unet", lambda out: unet.to_diffusers(network, out)
+            note = timestep_note(module.schedule, float(network.settings["time_scale"]))
+            return "unet", lambda out: unet.to_diffusers(network, out, note)
         if isinstance(network, DiT):
-            tables = [e for e in module.conditioner.embedders if hasattr(e, "embedding")]
-            return "transformer", lambda out: dit.to_diffusers(network, tables[0] if tables else None, out)
+            note = timestep_note(module.schedule, float(network.t_embedder.time_scale))
+            table = class_table(module.conditioner)
+            return "transformer", lambda out: dit.to_diffusers(network, table, out, note)
         raise UserError(f"part=denoiser: {type(network).__name__} has no diffusers format here (UNet and DiT do)")
     network = module.autoencoder
     if isinstance(network, SDAutoencoder):
@@ -58,6 +88,11 @@ def _raw(cfg, run_dir: Path, checkpoint: str):
     return module.eval()
 
 
+def read_note(path: Path) -> str | None:
+    config = path / "config.json"
+    return json.loads(config.read_text()).get("_ldm_timestep") if config.is_file() else None
+
+
 def parse(argv: list[str]) -> dict[str, str | bool]:
     args: dict[str, str | bool] = {}
     for item in argv:
@@ -74,3 +109,6 @@ def main(argv: list[str] | None = None) -> None:
     with reported_user_errors():
         path = export(**parse(sys.argv[1:] if argv is None else argv))
     print(f"wrote {path}")
+    note = read_note(path)
+    if note:
+        print(f"diffusers: {note} (config.json: _ldm_timestep)")

@@ -9,6 +9,8 @@ last) into `ClassEmbedder`; `to_diffusers` writes a diffusers directory back. Be
   code's sinusoids are 10000^(-i/128) (model.time_frequency_shift=0), diffusers' 10000^(-i/127)
   (shift 1). A diffusers file needs shift 1; on the published file, the shift picks whose outputs are
   reproduced (the paper's code, or diffusers' on the converted weights).
+  A DiT this project exported records its model.time_scale under `_ldm_time_scale` in config.json
+  (diffusers' timestep is t * scale), and its class table as the DiT adds it (through vector_embedder).
 - learned sigma: 2C output channels (model.learn_sigma=true), the variance half dropped.
 - diffusers keeps a copy of the timestep and class embedders in every block: block 0's is used, and
   the others must equal it.
@@ -26,6 +28,7 @@ from torch import nn
 
 from ldm.utils.files import atomic_write
 from ldm.weights.files import (
+    ABSENT,
     LEVEL_TIME,
     Conventions,
     WeightsError,
@@ -63,6 +66,8 @@ DIFFUSERS_CLASSES = EMBEDDERS.format(0) + "class_embedder.embedding_table.weight
 # per format: its patch embedding, its output projection, its class table, and the time sinusoids'
 # model.time_frequency_shift values that give its reference outputs (the published code's 0; diffusers'
 # DiTTransformer2DModel's 1, which it also computes on the published weights it converts)
+# the time convention of a DiT this project exported, as for a UNet (diffusers skips keys starting with "_")
+TIME_SCALE_KEY = "_ldm_time_scale"
 FORMATS = {PUBLISHED: ("x_embedder.proj.weight", "final_layer.linear.weight", PUBLISHED_CLASSES, (0, 1)),
            DIFFUSERS: ("pos_embed.proj.weight", "proj_out_2.weight", DIFFUSERS_CLASSES, (1,))}
 
@@ -165,20 +170,29 @@ def read_dit(path: str | Path) -> DiTWeights:
 def conventions(path: str | Path) -> Conventions:
     """What a DiT file fixes beyond its shapes (read from its header): time input, time sinusoids, position
     embedding, the variance half of its output, and its class table."""
-    file, _ = find_weights(path, subfolder="transformer")
+    file, config = find_weights(path, subfolder="transformer")
     shapes = tensor_shapes(file)
     form = file_format(shapes, file)
     patch_embed, output, classes, shifts = FORMATS[form]
     _, in_channels, patch = shapes[patch_embed][:3]
-    settings = {"model.pos_embed_layout": (POS_EMBED_LAYOUT,), "model.time_frequency_shift": shifts, **LEVEL_TIME}
+    scale = trained_time_scale(config)
+    time = LEVEL_TIME if scale == 1 else {"model.time_scale": (scale,), "schedule.time_input": ("unit", ABSENT)}
+    settings = {"model.pos_embed_layout": (POS_EMBED_LAYOUT,), "model.time_frequency_shift": shifts, **time}
     out_channels = shapes[output][0] // patch ** 2
     if out_channels in (in_channels, 2 * in_channels):  # other counts: the load names model.out_channels
         settings["model.learn_sigma"] = (out_channels == 2 * in_channels,)
     table = shapes.get(classes)
-    description = f"a DiT in the {form}, trained on the integer DDPM level k"
+    trained_on = ("the integer DDPM level k" if scale == 1
+                  else f"t * {scale:g} for t in [0, 1] (exported by this project)")
+    description = f"a DiT in the {form}, trained on {trained_on}"
     if table is not None:
         description += f", with a class table of {table[0] - 1} classes and the null class"
     return Conventions(description, settings, tuple(table) if table is not None else None)
+
+
+def trained_time_scale(config: dict | None) -> float | int:
+    """The model.time_scale the file's DiT was trained with: 1 (the level k) unless this project exported it."""
+    return (config or {}).get(TIME_SCALE_KEY, 1)
 
 
 def read_class_table(path: str | Path) -> Tensor:
@@ -221,8 +235,9 @@ def architecture_problems(model: nn.Module, weights: DiTWeights) -> list[str]:
             problems.append(f"set model.out_channels={file_out}, or {file_out // 2} with model.learn_sigma=true "
                             f"(the file predicts {file_out} channels)")
     want("model.pos_embed_layout", POS_EMBED_LAYOUT, model.pos_embed_layout, ": the position embedding DiT adds")
-    want("model.time_scale", 1, model.t_embedder.time_scale, "; with schedule.time_input=level: the network was "
-         "trained on the integer DDPM level k")
+    scale = trained_time_scale(weights.config)
+    want("model.time_scale", scale, model.t_embedder.time_scale, "; with schedule.time_input=level: the network was "
+         "trained on the integer DDPM level k" if scale == 1 else ": the network was exported with this time scale")
     shifts = FORMATS[weights.form][3]
     if model.t_embedder.frequency_shift not in shifts:
         want("model.time_frequency_shift", shifts[0], model.t_embedder.frequency_shift, f": the {weights.form}'s "
@@ -274,21 +289,35 @@ def export_problems(dit: nn.Module, class_embedder) -> list[str]:
         problems.append("set model.concat_channels=0 (it has no concatenated input)")
     if any(".cross_attn." in key for key in own):
         problems.append("set model.context_dim=null (it has no cross-attention)")
-    if class_embedder is None or not isinstance(dit.vector_embedder, nn.Identity):
-        problems.append(f"it needs a class embedder of width {hidden} added as it is (conditioner=imagenet)")
-    elif class_embedder.embedding.weight.shape[1] != hidden:
-        problems.append(f"the class embedder has width {class_embedder.embedding.weight.shape[1]}, not {hidden}")
+    if class_embedder is None or dit.vector_embedder is None:
+        problems.append("its condition is a class table added to the time embedding: the run needs a "
+                        "conditioner whose only vector is a class table (conditioner=class or imagenet)")
+    elif class_embedder.embedding.weight.shape[1] != vector_width(dit, hidden):
+        problems.append(f"the class embedder has width {class_embedder.embedding.weight.shape[1]}, the DiT takes "
+                        f"vectors of width {vector_width(dit, hidden)}")
     if own["blocks.0.mlp.net.0.0.weight"].shape[0] != 4 * hidden:
         problems.append("set model.mlp_ratio=4 (its feed-forward width is 4x)")
     if dit.pos_embed_layout != POS_EMBED_LAYOUT:
-        problems.append(f"set model.pos_embed_layout={POS_EMBED_LAYOUT} (its position embedding)")
+        problems.append(f"set model.pos_embed_layout={POS_EMBED_LAYOUT} (its position embedding) and train anew")
     if dit.t_embedder.frequency_shift != 1:
-        problems.append("set model.time_frequency_shift=1 (its time sinusoids)")
-    if dit.t_embedder.time_scale != 1:
-        problems.append("set model.time_scale=1 with schedule.time_input=level (it takes the integer level k)")
+        problems.append("set model.time_frequency_shift=1 and train anew (its time sinusoids are 10000^(-i/127); "
+                        "no timestep it is given turns them into this DiT's)")
     if dit.t_embedder.frequency_dim != 256:
         problems.append("its time embedding has 256 sinusoids")
     return problems
+
+
+def vector_width(dit: nn.Module, hidden: int) -> int:
+    """The width of the vectors the DiT takes: its projection's input, or its own width when added as they are."""
+    projection = dit.vector_embedder
+    return projection.in_features if isinstance(projection, nn.Linear) else hidden
+
+
+@torch.no_grad()
+def folded_class_table(dit: nn.Module, class_embedder) -> Tensor:
+    """The class table as the DiT adds it to the time embedding: each row through the DiT's vector projection
+    (a function of the label alone, so diffusers' table holds it exactly)."""
+    return dit.vector_embedder(class_embedder.embedding.weight.float())
 
 
 def diffusers_state(own: dict[str, Tensor], class_table: Tensor, depth: int) -> dict[str, Tensor]:
@@ -309,8 +338,13 @@ def diffusers_state(own: dict[str, Tensor], class_table: Tensor, depth: int) -> 
     return {key: value.detach().float().cpu().contiguous().clone() for key, value in out.items()}
 
 
-def to_diffusers(dit: nn.Module, class_embedder, directory: str | Path) -> Path:
-    """Write `dit` and its `class_embedder` (a ClassEmbedder) as a diffusers DiTTransformer2DModel directory."""
+def to_diffusers(dit: nn.Module, class_embedder, directory: str | Path, notes: dict | None = None) -> Path:
+    """Write `dit` and its `class_embedder` (a ClassEmbedder) as a diffusers DiTTransformer2DModel directory.
+
+    The diffusers model takes `t * model.time_scale` as its timestep (t: the time this DiT is given);
+    config.json records the scale under `_ldm_time_scale`, and `notes` (more `_ldm_*` keys): diffusers
+    ignores config keys that start with "_".
+    """
     problems = export_problems(dit, class_embedder)
     if problems:
         raise WeightsError([f"to_diffusers: diffusers' DiTTransformer2DModel cannot reproduce this DiT: {line}"
@@ -324,10 +358,11 @@ def to_diffusers(dit: nn.Module, class_embedder, directory: str | Path) -> Path:
         "sample_size": dit.input_size[0], "patch_size": dit.patch_size, "activation_fn": "gelu-approximate",
         "num_embeds_ada_norm": class_embedder.num_classes, "upcast_attention": False, "norm_type": "ada_norm_zero",
         "norm_elementwise_affine": False, "norm_eps": 1e-6,  # this project's layer norms
+        TIME_SCALE_KEY: float(dit.t_embedder.time_scale), **(notes or {}),
     }
     directory = Path(directory)
     with atomic_write(directory / "diffusion_pytorch_model.safetensors") as handle:
-        handle.write(save(diffusers_state(own, class_embedder.embedding.weight, depth)))
+        handle.write(save(diffusers_state(own, folded_class_table(dit, class_embedder), depth)))
     with atomic_write(directory / "config.json") as handle:
         handle.write(json.dumps(config, indent=2).encode())
     return directory

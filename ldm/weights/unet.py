@@ -191,9 +191,16 @@ def _per_level(value, levels: int) -> list:
 def diffusers_config(unet: nn.Module) -> dict:
     """The UNet2DConditionModel config.json of `unet`'s architecture."""
     s = unet.settings
-    if not s["context_dim"] or s["vector_dim"]:
-        raise WeightsError("a diffusers UNet2DConditionModel needs cross-attention and no vector condition: "
-                           "export a UNet with model.context_dim set and model.vector_dim=null")
+    problems = []
+    if not s["context_dim"]:
+        problems.append("model.context_dim=null: its attention layers are plain self-attention, which diffusers' "
+                        "UNet2DConditionModel blocks (attending to text tokens) do not compute; this UNet cannot be "
+                        "exported (a text-conditioned UNet, model.context_dim set, can)")
+    if s["vector_dim"]:
+        problems.append(f"model.vector_dim={s['vector_dim']}: its vector condition (e.g. conditioner=class's table) "
+                        "is not written as diffusers' class embedding; set model.vector_dim=null")
+    if problems:
+        raise WeightsError([f"diffusers' UNet2DConditionModel cannot express this UNet: {line}" for line in problems])
     widths = [s["channels"] * mult for mult in s["channel_mult"]]
     attention = [2 ** level in s["attention_resolutions"] for level in range(len(widths))]
     size = s["input_size"]
@@ -314,14 +321,14 @@ def _head_problems(unet: nn.Module, config: dict, widths: list[int], attention: 
     return [f"config.json has attention heads {heads} for widths {widths}: set {fix}"]
 
 
-def to_diffusers(unet: nn.Module, directory: str | Path) -> Path:
+def to_diffusers(unet: nn.Module, directory: str | Path, notes: dict | None = None) -> Path:
     """Write `unet` as a diffusers UNet2DConditionModel directory (config.json + safetensors).
 
     The diffusers model takes `t * model.time_scale` as its timestep; config.json keeps the time scale for
-    loading the directory back (`conventions`).
+    loading the directory back (`conventions`), and `notes` (more `_ldm_*` keys, which diffusers ignores).
     """
     directory = Path(directory)
-    config = diffusers_config(unet) | {TIME_SCALE_KEY: unet.settings["time_scale"]}
+    config = diffusers_config(unet) | {TIME_SCALE_KEY: unet.settings["time_scale"], **(notes or {})}
     own = unet.state_dict()
     tensors = {}
     for ours, sources in key_map(unet, DIFFUSERS).items():
