@@ -5,7 +5,6 @@ AdamW step does, the class table's null row, the data order and the cache key. E
 from __future__ import annotations
 
 import copy
-import math
 from types import SimpleNamespace
 
 import hydra
