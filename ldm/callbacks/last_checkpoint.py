@@ -22,6 +22,13 @@ from ldm.utils.files import keep_copy, remove_partial_files
 log = logging.getLogger(__name__)
 
 
+def mid_accumulation(trainer) -> bool:
+    """Whether the batch just trained on left its gradients for the next one (no optimizer step yet).
+
+    Every epoch holds whole optimizer steps (ldm/data/order.py), so the count of batches of this epoch tells."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    return done % trainer.accumulate_grad_batches != 0
+
 
 class LastCheckpoint(Checkpoint):
     """Independent of any metric, so a requeued or crashed run loses at most one validation interval.
@@ -59,7 +66,8 @@ class LastCheckpoint(Checkpoint):
         self._requeue = RequeueRequest(signum) if signum is not None else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._requeue is not None and self._requeue.due(trainer):
+        # never between the batches of one optimizer step: their accumulated gradients are not in a checkpoint
+        if self._requeue is not None and not mid_accumulation(trainer) and self._requeue.due(trainer):
             self._save(trainer)
             log.info("stopping for the requeue after step %d, saved in %s", trainer.global_step, self.path)
             self._requeue.hand_over()
