@@ -45,11 +45,11 @@ class EpochShuffle(Sampler[int]):
         return torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self):
-        global_batch = self.batch_size * self.world_size
-        used = self.size // (global_batch * self.accumulate) * global_batch * self.accumulate
-        order = self.permutation(self.epoch)[:used][self.skip:]
+        order = self.permutation(self.epoch)[self.skip:]
         self.skip = 0
-        whole = len(order) // global_batch * global_batch
+        global_batch = self.batch_size * self.world_size
+        step = global_batch * self.accumulate  # the items of one optimizer step
+        whole = len(order) // step * step
         # (global batches, ranks, batch): this rank's block of every global batch
         blocks = order[:whole].view(-1, self.world_size, self.batch_size)[:, self.rank]
         return iter(blocks.flatten().tolist())
