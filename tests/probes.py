@@ -98,3 +98,29 @@ class StartState(L.Callback):
         StartState.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         StartState.optimizer_state = dict(trainer.optimizers[0].state)
         StartState.step = trainer.global_step
+
+
+class GradNorms(L.Callback):
+    """The norm of all gradients at each optimizer step, before clipping (what the step is made from)."""
+
+    seen: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):
+        GradNorms.seen = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.double().flatten() for p in pl_module.parameters() if p.grad is not None]
+        GradNorms.seen.append(torch.cat(grads).norm().item())
+
+
+class Validations(L.Callback):
+    """The optimizer steps at which validation ran, and the batches of this epoch trained on by then."""
+
+    seen: list[tuple[int, int]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        Validations.seen = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            Validations.seen.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.current.ready))

@@ -37,6 +37,7 @@ def last(rows: list[dict], key: str):
 def test_loss_per_noise_level_is_the_checkpoint_loss_of_a_fixed_batch_in_each_bin(dashboard):
     """Recomputed from last.ckpt (EMA weights, as validation uses) with the schedule's two rows, bin by bin."""
     from ldm.data.digits import DigitsDataset
+    from ldm.run.build import resolve_precision
     from ldm.run.load import load_run
 
     run_dir, rows = dashboard
@@ -45,7 +46,9 @@ def test_loss_per_noise_level_is_the_checkpoint_loss_of_a_fixed_batch_in_each_bi
     schedule = module.schedule
     images = DigitsDataset("val").images[:64]
     labels = DigitsDataset("val").labels[:64]
-    with torch.no_grad():
+    # in the precision validation ran in (bf16 autocast where the CPU has bf16 units)
+    bf16 = resolve_precision("auto", "cpu") == "bf16-mixed"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         z0 = (module.autoencoder.encode(images, sample=False) - module.latent_shift) * module.latent_scale
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
         cond = module.conditioner({"label": labels})

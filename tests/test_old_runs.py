@@ -53,7 +53,10 @@ def test_an_old_run_directory_resumes_from_its_checkpoint(tmp_path):
     before = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     overrides = [item for item in overrides if not item.startswith("trainer.max_steps=")]
-    run_script("train.py", *overrides, "trainer.max_steps=6", f"hydra.run.dir={run_dir}")
+    # the DiT's defaults have changed since (position layout, time frequency shift): the run keeps its own,
+    # given as the refusal to continue with the new ones says
+    run_script("train.py", *overrides, "model.pos_embed_layout=row_cos_sin", "model.time_frequency_shift=0",
+               "trainer.max_steps=6", f"hydra.run.dir={run_dir}")
     after = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert (before["global_step"], after["global_step"]) == (4, 6)
     moved = [name for name, value in before["state_dict"].items()

@@ -22,6 +22,13 @@ from ldm.utils.files import keep_copy, remove_partial_files
 log = logging.getLogger(__name__)
 
 
+def mid_accumulation(trainer) -> bool:
+    """Whether the batch just trained on left its gradients for the next one (no optimizer step yet).
+
+    Every epoch holds whole optimizer steps (ldm/data/order.py), so the count of batches of this epoch tells."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    return done % trainer.accumulate_grad_batches != 0
+
 
 class LastCheckpoint(Checkpoint):
     """Independent of any metric, so a requeued or crashed run loses at most one validation interval.
@@ -63,7 +70,8 @@ class LastCheckpoint(Checkpoint):
         self._stop = StopRequest(stop_signals())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._stop is not None and self._stop.due(trainer):
+        # never between the batches of one optimizer step: their accumulated gradients are not in a checkpoint
+        if self._stop is not None and not mid_accumulation(trainer) and self._stop.due(trainer):
             self._save(trainer)
             self._stop.hand_over(trainer.global_step, self.path)
 

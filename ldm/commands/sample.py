@@ -88,7 +88,7 @@ def sample(cfg: DictConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, images=images, **stored)
     per_row = run_cfg.data.get("num_classes") or 10
-    shown = grid_order(stored["labels"], per_row)
+    shown = grid_order(stored.get("labels", np.full(cfg.n, -1)), per_row)  # text runs store prompts
     grid = save_png(make_grid(images[shown], per_row), out.with_suffix(".png"), upscale=2)
     log.info("wrote %d samples to %s (grid %s)", len(images), out, grid)
     return out

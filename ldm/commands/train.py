@@ -40,6 +40,20 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
+def counted_in_optimizer_steps(trainer_cfg: DictConfig) -> dict:
+    """Trainer arguments that Lightning counts in batches, given in optimizer steps by the config.
+
+    With `accumulate_grad_batches: N` an optimizer step takes N batches; Lightning counts `val_check_interval`
+    in batches, so it is multiplied by N (every epoch holds whole steps, ldm/data/order.py, so a validation
+    falls right after an optimizer step). `max_steps`, `log_every_n_steps` and step-interval LR schedules
+    already count optimizer steps in Lightning."""
+    accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1) or 1)
+    interval = trainer_cfg.get("val_check_interval")
+    if accumulate == 1 or isinstance(interval, bool) or not isinstance(interval, int):
+        return {}  # a float is a fraction of an epoch, a string or mapping a time: neither counts batches
+    return {"val_check_interval": interval * accumulate}
+
+
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int | None]:
     """The checkpoint to continue from and its step.
 
@@ -93,7 +107,7 @@ def train(cfg: DictConfig) -> float | None:
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         precision=resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.get("accelerator", "auto"))),
         # the data module shards by rank itself (ldm/data/order.py), so a resumed epoch continues exactly
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, **counted_in_optimizer_steps(cfg.trainer),
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -60,7 +60,12 @@ class DataModule(L.LightningDataModule):
             raise ConfigError([f"data.batch_size={self.batch_size}: the training set has {len(self.train_set)} items, "
                                f"fewer than one batch for each of the {world} ranks; use data.batch_size at most "
                                f"{len(self.train_set) // world}"])
-        order = EpochShuffle(len(self.train_set), self.shuffle_seed, self.batch_size, rank, world)
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        if len(self.train_set) < self.batch_size * world * accumulate:
+            raise ConfigError([f"data.batch_size={self.batch_size} with trainer.accumulate_grad_batches={accumulate}: "
+                               f"the training set has {len(self.train_set)} items, fewer than one optimizer step "
+                               f"for each of the {world} ranks; use a smaller batch or fewer accumulated batches"])
+        order = EpochShuffle(len(self.train_set), self.shuffle_seed, self.batch_size, rank, world, accumulate)
         if self._resume_at is not None:
             order.resume_at(*self._resume_at[:2])
         return self._loader(self.train_set, self.batch_size, order, drop_last=True)

@@ -2,7 +2,9 @@
 
 Every rank computes the same permutation and cuts it into global batches of `batch_size * world_size`
 items; rank r takes the r-th block of `batch_size` of each. So W ranks with batch B see the global
-batches that one process with batch W * B would, and no item is seen by two ranks in an epoch.
+batches that one process with batch W * B would, and no item is seen by two ranks in an epoch. With
+gradient accumulation over N batches an epoch holds whole optimizer steps (a multiple of N global
+batches), so accumulating N batches of B sees the items that one step of batch N * B would.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ class EpochShuffle(Sampler[int]):
 
     `resume_at(epoch, items_done)` makes the next pass start where an interrupted one stopped (items_done
     counts the items of the permutation used by all ranks), so a resumed run sees exactly the batches an
-    uninterrupted one would. A last global batch that is not whole is dropped, as with `drop_last`.
+    uninterrupted one would. The items after the last whole optimizer step (`accumulate` global batches) are
+    dropped, as with `drop_last`.
     """
 
-    def __init__(self, size: int, seed: int = 0, batch_size: int = 1, rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, seed: int = 0, batch_size: int = 1, rank: int = 0, world_size: int = 1,
+                 accumulate: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of the {world_size} ranks")
         self.size, self.seed = size, seed
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.batch_size, self.rank, self.world_size, self.accumulate = batch_size, rank, world_size, accumulate
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -44,13 +48,14 @@ class EpochShuffle(Sampler[int]):
         order = self.permutation(self.epoch)[self.skip:]
         self.skip = 0
         global_batch = self.batch_size * self.world_size
-        whole = len(order) // global_batch * global_batch
+        step = global_batch * self.accumulate  # the items of one optimizer step
+        whole = len(order) // step * step
         # (global batches, ranks, batch): this rank's block of every global batch
         blocks = order[:whole].view(-1, self.world_size, self.batch_size)[:, self.rank]
         return iter(blocks.flatten().tolist())
 
     def __len__(self) -> int:
-        return self.size // (self.batch_size * self.world_size) * self.batch_size
+        return self.size // (self.batch_size * self.world_size * self.accumulate) * self.accumulate * self.batch_size
 
 
 class BatchShard(Sampler[int]):

@@ -26,7 +26,9 @@ def prepare_diffusion(cfg: DictConfig, datamodule, device):
     module = build_diffusion(cfg).to(device)
     datamodule.setup("fit")
     datamodule.attach_cache(module.autoencoder, module.conditioner, data_identity(cfg.data), module.device)
-    module.measure_latent_stats(datamodule.train_dataloader())
+    # from the first 20 optimizer steps' items: batch B accumulated over N measures what batch N * B would
+    steps = 20 * int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+    module.measure_latent_stats(datamodule.train_dataloader(), max_batches=steps)
     log.info("latent scale %.4f, shift %.4f", module.latent_scale.item(), module.latent_shift.item())
     return module
 
