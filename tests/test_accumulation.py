@@ -130,7 +130,7 @@ def test_a_requeue_saves_only_after_whole_optimizer_steps(tmp_path):
     saved = []
     callback = LastCheckpoint(str(tmp_path))
     callback._save = lambda trainer: saved.append(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
-    callback._requeue = SimpleNamespace(due=lambda trainer: True, hand_over=lambda: None)
+    callback._stop = SimpleNamespace(due=lambda trainer: True, hand_over=lambda step, path: None)
     for ready in (1, 2, 3):  # batches of this epoch trained on
         callback.on_train_batch_end(trainer(ready), None, None, None, ready - 1)
     assert saved == [2]
