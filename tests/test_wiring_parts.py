@@ -388,6 +388,7 @@ def _datamodule(seed: int, batch: int = 4, rank: int = 0, world: int = 1, epoch:
     datamodule.shuffle_seed = seed
     progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
     datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=epoch,
+                                         accumulate_grad_batches=1,
                                          fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
     return datamodule
 
