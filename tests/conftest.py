@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ TINY = [
     "lr_scheduler.warmup_steps=0",
     "callbacks.sample_grid.per_row=2",
     "callbacks.sample_metrics.num_samples=16",
+    "callbacks.noise_levels.batch_size=8",
     # short runs: an EMA that starts at once and follows quickly, so validation sees training progress
     "callbacks.ema.update_starting_at_step=0",
     "callbacks.ema.decay=0.9",
@@ -48,11 +48,10 @@ def compose_config(overrides: list[str], output_dir: Path | None = None, name: s
 
 def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int | None = None):
     """Run train.py / sample.py as a user would; returns the CompletedProcess (raises on failure)."""
-    import subprocess
+    from forked import run
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="1")
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = run(script, *args, cwd=cwd, env=env, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

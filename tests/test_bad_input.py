@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, TINY, compose_config
+from forked import run
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -238,8 +238,7 @@ def test_a_run_directory_from_an_older_version_continues(tmp_path):
 def run_command(script: str, *arguments: str, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "LDM_DEBUG")}
     env.update(PYTHONPATH=str(ROOT), LDM_ROOT=str(cwd), WANDB_MODE="offline", **({"LDM_DEBUG": "1"} if debug else {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *arguments], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run(script, *arguments, cwd=cwd, env=env, timeout=120)
 
 
 def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 import scipy.linalg
 import torch
 from conftest import compose_config, run_script
+from forked import run
 
 from ldm.commands.evaluate import evaluate
 from ldm.data.digits import DigitsDataset
@@ -168,15 +169,12 @@ def test_bad_arguments_are_named_before_any_work(trained_run, tmp_path):
 
 
 def test_a_sweep_on_several_devices_is_refused_before_any_job(trained_run, tmp_path):
-    import subprocess
-    import sys
 
     from conftest import ROOT
 
     sweep = tmp_path / "sweep"
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "-m", f"run={trained_run}", "accelerator=cpu",
-                             "devices=2", "steps=2,4", f"hydra.sweep.dir={sweep}"], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    result = run("evaluate.py", "-m", f"run={trained_run}", "accelerator=cpu", "devices=2", "steps=2,4",
+                 f"hydra.sweep.dir={sweep}", env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "devices=2 (2 devices) in a sweep (-m)" in result.stderr and "devices=1" in result.stderr
     assert not sweep.exists()

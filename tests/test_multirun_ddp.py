@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 from conftest import CONF, ROOT, TINY
+from forked import run
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -31,8 +31,7 @@ SCHEDULES = {"flow": "RectifiedFlow", "ddpm": "DDPM"}
 def train_command(*args: str, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), WANDB_MODE="offline",
                OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return run("train.py", *args, cwd=cwd, env=env, timeout=300)
 
 
 def wandb_run(job_dir):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, perturb, run_script, train_run
+from forked import run
 from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
@@ -132,13 +133,10 @@ def test_sample_py_draws_from_the_preset_without_a_run_directory(sd_setup, tmp_p
 
 def test_missing_pretrained_dir_is_named():
     import os
-    import subprocess
-    import sys
 
     from conftest import ROOT
 
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "LDM_DEBUG")}
-    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "preset=sd15_finetune", "n=1"],
-                            cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    result = run("sample.py", "preset=sd15_finetune", "n=1", cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: preset=sd15_finetune needs pretrained_dir" in result.stderr

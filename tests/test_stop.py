@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, TINY, compose_config
+from forked import run
 
 from ldm.callbacks.finite_loss import NonFiniteLoss
 from ldm.commands.train import train
@@ -27,8 +27,7 @@ ENV.update(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1"
 
 
 def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *ARGS, *extra],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    return run("train.py", f"hydra.run.dir={run_dir}", *ARGS, *extra, env=ENV, timeout=600)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
