@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train vae vae-shapes features test test-slow test-all bench lint clean
+.PHONY: install train train-new vae vae-shapes features test test-slow test-all bench lint clean
 
 install: $(STAMP)
 
@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# make train continues the newest run it started with the same ARGS if that run stopped before its last step
+# (killed, Ctrl-C, pre-empted; ldm/commands/unfinished.py); make train-new always starts a new run
 train: $(STAMP)
+	$(PY) train.py $$($(PY) -m ldm.commands.unfinished $(ARGS)) $(ARGS)
+
+train-new: $(STAMP)
 	$(PY) train.py $(ARGS)
 
 vae: $(STAMP)

@@ -1,10 +1,13 @@
 """Sample from a trained run: python sample.py run=DIR n=N sampler=NAME steps=K guidance=G out=FILE.npz"""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import ldm  # noqa: F401  (registers the config resolvers)
-from ldm.utils.errors import reported_user_errors
+from ldm.checks.overrides import override_problems
+from ldm.utils.errors import ConfigError, exit_for, reported_user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -17,4 +20,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if problems := override_problems(sys.argv[1:], "sample"):
+        exit_for(ConfigError(problems))
     main()

@@ -47,8 +47,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     tmp_path = tmp_path_factory.mktemp("inputs")
     folder = tmp_path / "images"
     folder.mkdir()
-    for i in range(6):
-        Image.new("RGB", (40, 40), (40 * i, 0, 200)).save(folder / f"{i}.png")
+    for i in range(70):  # one default batch (data=folder: 64) after the validation share
+        Image.new("RGB", (40, 40), (3 * i, 0, 200)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a picture number {i}")
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "empty.ckpt").write_bytes(b"")

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data.folder import FolderDataset
+from ldm.utils.errors import UserError
 
 
 def write_image(path: Path, size=(40, 24), color=(255, 0, 0)) -> None:
@@ -88,8 +89,11 @@ def test_flip_only_in_train(tmp_path):
 
 
 def test_corrupt_file_is_named(metadata_folder):
-    (metadata_folder / "images" / "3.png").write_bytes(b"this is not a png at all")
+    """Refused when the folder is scanned; a file damaged after that is named when it is read."""
     dataset = FolderDataset(str(metadata_folder), "train", image_size=16, val_fraction=0.0)
+    (metadata_folder / "images" / "3.png").write_bytes(b"this is not a png at all")
+    with pytest.raises(UserError, match=r"1 of 5 images cannot be read \(images/3\.png; 3\.png: cannot identify"):
+        FolderDataset(str(metadata_folder), "train", image_size=16, val_fraction=0.0)
     index = [p.name for p, _ in dataset.items].index("3.png")
     with pytest.raises(OSError, match=r"images/3\.png"):
         dataset[index]

@@ -48,14 +48,41 @@ def test_parameterizations_notebook_runs_at_small_settings(tmp_path, monkeypatch
 
 
 def test_evaluate_run_notebook_samples_a_run_and_scores_it(trained_run, tmp_path, monkeypatch):
-    monkeypatch.setenv("LDM_ROOT", str(tmp_path))  # the reference statistics are cached under the test's folder
-    small = (f"RUN_DIR = {str(trained_run)!r}\nN_SAMPLES = 30\nBATCH_SIZE = 16\nSTEPS = 2\nN_TRAJECTORIES = 2\n"
+    """With its default RUN_DIR it takes the newest run it can score, passing over newer ones it cannot."""
+    monkeypatch.setenv("LDM_ROOT", str(tmp_path))  # runs/ and the cached reference statistics: the test's folder
+    scorable = place_runs(trained_run, tmp_path / "runs")
+    small = ("N_SAMPLES = 30\nBATCH_SIZE = 16\nSTEPS = 2\nN_TRAJECTORIES = 2\n"
              "METRICS_OVERRIDES = ['metrics.kid_subsets=5']")
     outputs = run_notebook("evaluate_run", small, tmp_path, monkeypatch)
     assert len(figures(outputs)) == 2, "expected the sample grid and the trajectories"
     printed = text(outputs)
+    assert f"\n{scorable}: DiT" in f"\n{printed}", printed[:1000]  # the run it took
     assert "fd_digits" in printed and "accuracy_digits" in printed
     assert list((tmp_path / ".cache" / "ldm" / "metrics").glob("reference-digits-train-*.safetensors"))
+
+
+def place_runs(trained_run: Path, runs: Path) -> Path:
+    """A scorable run under `runs`, and newer ones evaluation cannot score with its defaults: an autoencoder run,
+    a run on a folder of images (no metrics of its own), a run without a checkpoint. Returns the scorable one."""
+    import shutil
+    import time
+
+    from omegaconf import OmegaConf
+
+    scorable = runs / "2026-01-01" / "10-00-00"
+    shutil.copytree(trained_run, scorable)
+    config = OmegaConf.load(scorable / ".hydra" / "config.yaml")
+    time.sleep(0.01)  # the decoys' checkpoints are newer
+    for name, change in (("autoencoder", {"task": "autoencoder"}),
+                         ("folder", {"data": {"train": {"_target_": "ldm.data.folder.FolderDataset"}}}),
+                         ("no_checkpoint", {})):
+        run = runs / "2026-01-02" / name
+        (run / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.merge(config, change), run / ".hydra" / "config.yaml")
+        if name != "no_checkpoint":
+            (run / "checkpoints").mkdir()
+            shutil.copy(scorable / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    return scorable
 
 
 def test_compare_sweep_notebook_plots_a_sweep(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ class _Terminal(io.StringIO):
         return True
 
 
-@pytest.mark.parametrize("stdout, expected", [(_Terminal(), "RichProgressBar"), (io.StringIO(), "PlainTextProgress")])
+@pytest.mark.parametrize("stdout, expected", [(_Terminal(), "StepProgressBar"), (io.StringIO(), "PlainTextProgress")])
 def test_the_bar_follows_stdout_and_is_the_only_one(stdout, expected, monkeypatch):
     import lightning as L
 

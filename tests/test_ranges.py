@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checks.evaluation import evaluation_problems
 from ldm.checks.keys import HYDRA_KEYS
-from ldm.checks.ranges import BUILT_BY_CODE, RANGES, Duration, OneOf, StepsOrFraction, target_name
+from ldm.checks.ranges import BUILT_BY_CODE, RANGES, Devices, Duration, OneOf, StepsOrFraction, target_name
 from ldm.checks.training import check_training
 from ldm.utils.errors import ConfigError
 
@@ -125,6 +125,8 @@ def out_of_range(rule) -> list[object]:
         return ["17-mixed"]
     if isinstance(rule, Duration):
         return [{"hours": -1}]
+    if isinstance(rule, Devices):
+        return ["many"]
     if isinstance(rule, StepsOrFraction):
         return out_of_range(rule.steps)[:1] + out_of_range(rule.fraction)
     step = 1 if rule.whole else 0.5

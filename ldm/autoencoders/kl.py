@@ -120,6 +120,9 @@ def resolve_weights(weights: str | Path) -> Path:
     path = Path(weights).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise IsADirectoryError(f"'{weights}' is a directory, but autoencoder=kl reads one .safetensors file: give "
+                                "that file (a diffusers VAE directory is read by autoencoder=sd_vae weights=DIR)")
     shipped = WEIGHTS_DIR / f"{path.stem}.safetensors"
     if path.parent == Path(".") and shipped.is_file():
         return shipped

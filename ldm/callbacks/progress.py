@@ -1,4 +1,4 @@
-"""Training progress: Lightning's rich bar on a terminal, plain lines when stdout is a file or a pipe.
+"""Training progress: a rich bar of the run's steps on a terminal, plain lines when stdout is a file or a pipe.
 
 A rich or tqdm bar redraws one line in place; written to a SLURM log, `nohup` or `| tee`, that shows
 nothing until the end. `PlainTextProgress` prints whole lines instead, e.g.
@@ -24,8 +24,53 @@ def progress_bar(every_n_steps: int | None = None, every_seconds: float | None =
 
     Both are ProgressBar callbacks, so Lightning adds no default bar of its own beside them."""
     if sys.stdout.isatty():
-        return RichProgressBar()
+        return StepProgressBar()
     return PlainTextProgress(every_n_steps=every_n_steps, every_seconds=every_seconds)
+
+
+def total_steps(trainer) -> float:
+    """max_steps, or what max_epochs amounts to (inf when neither limits the run)."""
+    return trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+
+
+def step_text(trainer) -> str:
+    total = total_steps(trainer)
+    return f"step {trainer.global_step}/{int(total) if math.isfinite(total) else '?'}"
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar over the whole run in optimizer steps ("step 1200/2000"), not over one epoch's batches.
+
+    Runs here stop at trainer.max_steps with unbounded epochs (max_epochs=-1), where Lightning's own bar reads
+    "Epoch 5/-2", starts again at every epoch and never shows the step; a resumed run starts at its step."""
+
+    @property
+    def total_train_batches(self) -> float | None:
+        total = total_steps(self.trainer)
+        return total if math.isfinite(total) else None  # rich: of unknown length
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return step_text(self.trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.train_progress_bar_id is None:  # one bar for the whole run: made once, never reset per epoch
+            super().on_train_epoch_start(trainer, pl_module)
+            self._show_step(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._show_step(trainer)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def _show_step(self, trainer) -> None:
+        if self.progress is None or self.is_disabled or self.train_progress_bar_id is None:
+            return
+        description = step_text(trainer)
+        if self.theme.description:
+            description = f"[{self.theme.description}]{description}"
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, description=description)
 
 
 def _batch_size(batch) -> int | None:
@@ -97,7 +142,7 @@ class PlainTextProgress(ProgressBar):
         self._validation_time += time.monotonic() - self._validation_started
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
         if self._enabled and metrics:
-            self.print(f"{self._step_text(trainer)}  " + "  ".join(f"{k} {_format(v)}" for k, v in metrics.items()))
+            self.print(f"{step_text(trainer)}  " + "  ".join(f"{k} {_format(v)}" for k, v in metrics.items()))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._enabled and trainer.global_step != self._last_step:
@@ -105,19 +150,11 @@ class PlainTextProgress(ProgressBar):
 
     # ---- what ----
 
-    def _total_steps(self, trainer) -> float:
-        """max_steps, or what max_epochs amounts to (inf when neither limits the run)."""
-        return trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-
-    def _step_text(self, trainer) -> str:
-        total = self._total_steps(trainer)
-        return f"step {trainer.global_step}/{int(total) if math.isfinite(total) else '?'}"
-
     def _print_training_line(self, trainer) -> None:
         now = time.monotonic()
-        step, total = trainer.global_step, self._total_steps(trainer)
+        step, total = trainer.global_step, total_steps(trainer)
         training_time = now - self._last_time - self._validation_time
-        parts = [self._step_text(trainer)]
+        parts = [step_text(trainer)]
         parts += [f"{k} {_format(v)}" for k, v in self.get_metrics(trainer, trainer.lightning_module).items()
                   if k != "v_num" and not k.startswith("val")]
         if training_time > 0 and self._images:

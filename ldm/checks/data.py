@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from ldm.autoencoders.kl import resolve_weights
 from ldm.checks.findings import UNKNOWN, Findings, is_int, show
+from ldm.utils.errors import problem_lines, user_error_cause
 
 # what to suggest when the data lacks the key a conditioner reads
 CONDITIONERS_FOR = {"label": "conditioner=class", "caption": "conditioner=clip_text_tiny"}
@@ -29,6 +30,8 @@ def data_problems(found: Findings, conditioned: bool = True) -> None:
     autoencoder_problems(found)
     facts = DataFacts.of(found)
     if facts is None:
+        return
+    if not split_size_problems(found, facts):
         return
     class_problems(found, facts)
     if conditioned:
@@ -52,10 +55,11 @@ def root_problems(found: Findings) -> bool:
 
 
 class DataFacts:
-    """What the training items carry (`keys`) and how many classes their labels have (`num_classes`)."""
+    """What the training items carry (`keys`), how many classes their labels have (`num_classes`), and how many
+    training items there are (`size`, where the data set was read to find its keys)."""
 
-    def __init__(self, name: str, keys: frozenset[str], num_classes: int | None):
-        self.name, self.keys, self.num_classes = name, keys, num_classes
+    def __init__(self, name: str, keys: frozenset[str], num_classes: int | None, size: int | None = None):
+        self.name, self.keys, self.num_classes, self.size = name, keys, num_classes, size
 
     @classmethod
     def of(cls, found: Findings) -> DataFacts | None:
@@ -67,22 +71,65 @@ class DataFacts:
         except Exception:  # the key check reports a target that cannot be imported
             return None
         num_classes = getattr(dataset_class, "num_classes", None)
+        name = target.rsplit(".", 1)[-1]
         keys = getattr(dataset_class, "item_keys", None)
-        if keys is None:
-            keys = probe_keys(found, target)
-        return None if keys is None else cls(target.rsplit(".", 1)[-1], frozenset(keys), num_classes)
-
-
-def probe_keys(found: Findings, target: str) -> frozenset[str] | None:
-    """The keys of the first training item, read without its image."""
-    node = found.node("data.train")
-    try:
-        dataset = hydra.utils.instantiate(node)
+        if keys is not None:
+            return cls(name, frozenset(keys), num_classes)
+        dataset = read_dataset(found, "data.train")
+        if dataset is None:
+            return None
         keys = frozenset(dataset.metadata(0)) | {"image"} if len(dataset) else frozenset({"image"})
+        return cls(name, keys, num_classes, size=len(dataset))
+
+
+def read_dataset(found: Findings, key: str) -> Any:
+    """The data set at `key`, built (it reads its folder or makes its items; no model); None after a problem."""
+    try:
+        return hydra.utils.instantiate(found.node(key))
     except Exception as error:  # what the data set says about its own input (a folder without captions ...)
-        found.add(f"data.train ({target}) cannot be read: {error.__cause__ or error}")
+        cause = user_error_cause(error)
+        if cause is not None:  # it names the key and the value itself
+            for line in problem_lines(cause):
+                found.add(line)
+        else:
+            found.add(f"{key} ({found.value(f'{key}._target_')}) cannot be read: {error.__cause__ or error}")
         return None
-    return keys
+
+
+def split_size_problems(found: Findings, facts: DataFacts) -> bool:
+    """At least one optimizer step of training items: checked before work, where the data set was read (a
+    folder of images); False when there are none at all."""
+    if facts.size is None:
+        return True
+    batch = found.value("data.batch_size")
+    accumulate = found.value("trainer.accumulate_grad_batches", 1)
+    devices, nodes = found.value("trainer.devices", 1), found.value("trainer.num_nodes", 1)
+    world = devices * nodes if is_int(devices) and devices > 0 and is_int(nodes) else 1
+    fraction = found.value("data.val_fraction")
+    if facts.size == 0:
+        validation = read_dataset(found, "data.val") if fraction is not None else None
+        if validation is not None:
+            found.add(f"data.val_fraction={fraction} leaves no training images: all {len(validation)} images of "
+                      f"root={found.value('data.root')} go to validation; use a small share, e.g. "
+                      "data.val_fraction=0.05", key="data.val_fraction")
+        else:
+            found.add(f"data.train ({facts.name}) has no training items", key="data.train")
+        return False
+    if not (is_int(batch) and is_int(accumulate) and batch > 0 and accumulate > 0):
+        return True
+    needed = batch * accumulate * world
+    if facts.size < needed:
+        per_step = [f"data.batch_size={batch}"]
+        if accumulate > 1:
+            per_step.append(f"trainer.accumulate_grad_batches={accumulate}")
+        if world > 1:
+            per_step.append(f"{world} devices")
+        where = f" of root={found.value('data.root')}" if found.has("data.root") else ""
+        split = f" (after data.val_fraction={fraction})" if fraction is not None else ""
+        found.add(f"{' x '.join(per_step)} needs {needed} training images for one optimizer step, but there are "
+                  f"{facts.size}{where}{split}: use data.batch_size={max(1, facts.size // (accumulate * world))} "
+                  "or less", key="data.batch_size")
+    return True
 
 
 def class_problems(found: Findings, facts: DataFacts) -> None:
@@ -182,7 +229,7 @@ def weight_config(found: Findings, weights: str) -> dict | None:
     """The settings stored in a weight file's header (None when it stores none)."""
     try:
         path = resolve_weights(weights)
-    except FileNotFoundError as error:
+    except OSError as error:  # no such file, or a directory
         found.add(f"autoencoder.weights={weights}: {error}")
         return None
     return _header_config(str(path))

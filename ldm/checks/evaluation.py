@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.findings import Findings
+from ldm.checks.hardware import accelerator_problems, strategy_name_problems
 from ldm.checks.ranges import range_problems
 from ldm.checks.sampling import argument_problems, checkpoint_problems, run_problems
 from ldm.evaluation.suites import SPLITS
@@ -28,6 +29,8 @@ def evaluation_problems(cfg: DictConfig) -> list[str]:
         found.add("reconstruct=true scores reconstructions of real images: give the split too, e.g. real=val")
     if found.value("devices") != "auto":
         found.integer("devices", minimum=1, hint="e.g. devices=2, or auto")
+    accelerator_problems(found, prefix="")
+    strategy_name_problems(found, prefix="")
     samples = found.value("samples")
     run = None if OmegaConf.is_missing(cfg, "run") else found.value("run")
     if samples is not None:

@@ -10,6 +10,8 @@ callback into warnings, so a failing check prints its `error:` lines and exits i
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +22,47 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm.utils.errors import ConfigError, UserError, exit_for, remove_new_run_dir
+from ldm.utils.errors import ConfigError, NewRunDir, UserError, exit_for, remove_new_run_dir
 
 # The check functions are imported when a check runs, not here: Hydra builds these callbacks before it
 # parses `--help`, and the checks import torch.
 
-_created_run_dir: Path | None = None  # the directory the current job's check found absent (Hydra then made it)
+_created_run_dir: NewRunDir | None = None  # the directory the current job's check found absent (Hydra made it)
 
 
-def created_run_dir() -> Path | None:
+def created_run_dir() -> NewRunDir | None:
     """The run directory this job created (removed again when the job fails on a user error), else None."""
     return _created_run_dir
+
+
+def new_run_dir(run_dir: Path) -> NewRunDir | None:
+    """`run_dir` and the highest of its folders that do not exist yet; None when it exists."""
+    if run_dir.exists():
+        return None
+    top = run_dir
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return NewRunDir(run_dir, top)
+
+
+def location_problems(key: str, directory: Path) -> list[str]:
+    """Whether the run directory can be made (or, when it exists, written to): no file in its place or above it,
+    and a folder that takes new files. Tried by making (and removing) an empty folder, which also answers for
+    read-only file systems and for root, whom permission bits do not stop."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == directory else f"cannot be made: {existing} is a file, not a folder"
+        return [f"{key}={directory} {where}; give a folder path ({key}=DIR)"]
+    try:
+        probe = tempfile.mkdtemp(prefix=".ldm-write-check-", dir=existing)
+    except OSError as error:
+        return [f"{key}={directory} cannot be {'written to' if existing == directory else 'made'}: {existing} is "
+                f"not writable ({error.strerror}); give a folder you can write to ({key}=DIR, or LDM_ROOT=DIR for "
+                "runs/ and .cache/)"]
+    os.rmdir(probe)
+    return []
 
 
 def checked_by_hydra(callback: type[Callback]) -> bool:
@@ -47,6 +79,7 @@ class CheckConfig(Callback):
     """Runs `problems(config)` before the run; in single-run mode also refuses a mismatching run directory."""
 
     compare_run_dir = False
+    writes_run_dir = True  # sample.py writes where `out=` says, not in its run directory (".")
 
     def __init__(self) -> None:
         self.single_run = self.sweep_checked = False
@@ -58,8 +91,10 @@ class CheckConfig(Callback):
         global _created_run_dir
         self.single_run = True
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
-        existed = run_dir.exists()
-        _created_run_dir = None if existed else run_dir
+        _created_run_dir = new_run_dir(run_dir)
+        if self.writes_run_dir and (problems := location_problems("hydra.run.dir", run_dir)):
+            exit_for(ConfigError(problems))
+        existed = _created_run_dir is None
         self._check(config, run_dir if existed and self.compare_run_dir else None)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -69,6 +104,9 @@ class CheckConfig(Callback):
             jobs = sweep_jobs(config)
         except Exception:  # a sweep Hydra cannot expand: the sweeper reports it in its own words
             jobs = None
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        if self.writes_run_dir and (problems := location_problems("hydra.sweep.dir", sweep_dir)):
+            exit_for(ConfigError(problems))
         if jobs is None:
             return
         problems = []
@@ -86,7 +124,7 @@ class CheckConfig(Callback):
             _created_run_dir = None
             return
         job_dir = Path(str(config.hydra.runtime.output_dir))
-        _created_run_dir = None if any(job_dir.rglob("*.ckpt")) else job_dir
+        _created_run_dir = None if any(job_dir.rglob("*.ckpt")) else NewRunDir(job_dir, job_dir)
         try:
             self._check(config, None)
         except SystemExit:
@@ -121,6 +159,8 @@ class CheckTrainingConfig(CheckConfig):
 
 
 class CheckSamplingConfig(CheckConfig):
+    writes_run_dir = False
+
     def problems(self, config: DictConfig) -> list[str]:
         from ldm.checks.sampling import sampling_problems  # deferred: imports torch (see above)
 

@@ -30,7 +30,7 @@ class Number:
     """A number from `minimum` to `maximum` (`*_open`: the bound itself excluded); `whole`: an int.
 
     `also`: other values taken as they are (-1 for "no limit", "auto"); `others`: types passed on
-    unchecked (Lightning's time strings); `lists`: a list of such numbers is taken too; `multiple_of`:
+    unchecked; `lists`: a list of such numbers is taken too (of `length` numbers, when given); `multiple_of`:
     a size the value must divide by; `infinite`: +inf is a value (the max-norm)."""
 
     minimum: float | None = None
@@ -43,6 +43,7 @@ class Number:
     lists: bool = False
     multiple_of: int | None = None
     infinite: bool = False
+    length: int | None = None
     hint: str = ""
 
     def problem(self, key: str, value: Any) -> str | None:
@@ -52,6 +53,8 @@ class Number:
         if isinstance(value, self.others) and not is_number(value):
             return None
         if self.lists and isinstance(value, (list, tuple)):
+            if self.length is not None and len(value) != self.length:
+                return f"{key}={show(value)} has {len(value)} values: give {self.length}{hint_text(self.hint)}"
             return next(filter(None, (self.problem(key, item) for item in value)), None)
         if not (is_int(value) if self.whole else is_number(value)):
             kind = "a whole number" if self.whole else "a number"
@@ -80,46 +83,74 @@ class Number:
 
 
 @dataclass(frozen=True)
+class Duration:
+    """A time as Lightning reads it (max_time, a val_check_interval given as a time): a "DD:HH:MM:SS" string,
+    or whole non-negative numbers of days, hours, minutes and seconds."""
+
+    # Lightning's own pattern (its Timer callback); "01:00" would not be an hour there but an error
+    PATTERN = re.compile(r"(\d+):(\d\d):(\d\d):(\d\d)")
+    UNITS = ("days", "hours", "minutes", "seconds")
+
+    def problem(self, key: str, value: Any) -> str | None:
+        if value is None or isinstance(value, str) and self.PATTERN.fullmatch(value.strip()):
+            return None
+        if (isinstance(value, Mapping) and value and set(value) <= set(self.UNITS)
+                and all(is_int(part) and part >= 0 for part in value.values())):
+            return None
+        return (f"{key}={show(value)} is not a time: give DD:HH:MM:SS, e.g. {key}=00:12:00:00 for 12 hours, or "
+                "whole non-negative days, hours, minutes, seconds, e.g. {hours: 12}")
+
+
+@dataclass(frozen=True)
 class StepsOrFraction:
-    """Lightning's int-or-float arguments: an int counts steps or batches, a float is a fraction of an epoch."""
+    """Lightning's int-or-float arguments: an int counts steps or batches, a float is a fraction of an epoch;
+    with `time`, a string or mapping is a time (val_check_interval)."""
 
     steps: Number
     fraction: Number
-    others: tuple[type, ...] = ()
+    time: Duration | None = None
 
     def problem(self, key: str, value: Any) -> str | None:
-        if value is None or isinstance(value, self.others) and not is_number(value):
+        if value is None:
             return None
+        if self.time is not None and isinstance(value, (str, Mapping)):
+            return self.time.problem(key, value)
         return (self.steps if is_int(value) or not is_number(value) else self.fraction).problem(key, value)
 
 
 @dataclass(frozen=True)
 class OneOf:
-    """A value from a fixed list (Lightning's precision names)."""
+    """A value from a fixed list (Lightning's precision names); `others`: types passed on unchecked."""
 
     values: tuple
+    others: tuple[type, ...] = ()
 
     def problem(self, key: str, value: Any) -> str | None:
         if any(type(value) is type(choice) and value == choice for choice in self.values):
+            return None
+        if isinstance(value, self.others):
             return None
         return f"{key}={show(value)} is not one of {', '.join(dict.fromkeys(map(show, self.values)))}"
 
 
 @dataclass(frozen=True)
-class Duration:
-    """Lightning's max_time: a "DD:HH:MM:SS" string (Lightning reads it), or whole non-negative numbers of
-    days, hours, minutes and seconds."""
+class Devices:
+    """Lightning's `devices`: a count (-1: all), "auto", device indices as a list or "0,1", or a count as text."""
+
+    INDICES = re.compile(r"\s*-?\d+\s*(,\s*\d+\s*)*,?")
 
     def problem(self, key: str, value: Any) -> str | None:
-        if value is None or isinstance(value, str):
+        if value == "auto" or isinstance(value, str) and self.INDICES.fullmatch(value):
             return None
-        if isinstance(value, Mapping) and all(is_int(part) and part >= 0 for part in value.values()):
+        if isinstance(value, (list, tuple)) and value and all(is_int(index) and index >= 0 for index in value):
             return None
-        return (f"{key}={value} is not a time: give DD:HH:MM:SS, e.g. {key}=00:12:00:00, or whole non-negative "
-                "days, hours, minutes, seconds, e.g. {hours: 12}")
+        if is_int(value) and (value >= 1 or value == -1):
+            return None
+        return (f"{key}={show(value)} is not a device count: give a number of devices (e.g. {key}=2), -1 (all), "
+                "auto, or device indices (e.g. [0,1])")
 
 
-Rule = Number | StepsOrFraction | OneOf | Duration
+Rule = Number | StepsOrFraction | OneOf | Duration | Devices
 
 
 def whole(minimum: int | None = None, maximum: int | None = None, **options: Any) -> Number:
@@ -132,13 +163,14 @@ def real(minimum: float | None = None, maximum: float | None = None, **options: 
 
 COUNT = whole(1)                       # sizes, channels, steps, batches: at least one
 STEPS = whole(0)                       # step counts where 0 is "none" / "from the start"
-SEED = whole()
+SEED = whole(0, 2**32 - 1, hint="a seed is a whole number from 0 to 2**32 - 1 (numpy's range), e.g. 0")
 REAL = real()                          # any finite number (means, shifts)
 POSITIVE = real(0, minimum_open=True)  # scales, standard deviations, sigmas, learning rates
 NON_NEGATIVE = real(0)
 PROBABILITY = real(0, 1)
 FRACTION = real(0, 1, minimum_open=True, maximum_open=True)  # a share that must leave something on both sides
 GUIDANCE = real(0, hint="1 is plain conditional sampling, 0 unconditional")
+FLAG = OneOf((True, False))            # a switch (null, where taken, is "the library decides")
 SIZES = whole(1, lists=True)           # an int or one per dimension; channel multipliers
 DATA = {"image_size": COUNT, "channels": COUNT, "num_classes": COUNT, "batch_size": COUNT,
         "num_workers": whole(0, hint="0 loads in the main process"), "val_batch_size": COUNT, "seed": SEED,
@@ -165,8 +197,11 @@ RANGES: dict[str, dict[str, Rule]] = {
     # optimizer, lr_scheduler
     "torch.optim.adamw.AdamW": {
         "lr": real(0, minimum_open=True, hint="the learning rate must be positive, e.g. optimizer.lr=5e-4"),
-        "betas": real(0, 1, maximum_open=True, lists=True, hint="decays of the moment averages, e.g. [0.9, 0.999]"),
-        "eps": POSITIVE, "weight_decay": real(0, hint="use 0 (none) or a small positive value, e.g. 0.01")},
+        "betas": real(0, 1, maximum_open=True, lists=True, length=2,
+                      hint="the two decays of the moment averages, e.g. [0.9, 0.999]"),
+        "eps": POSITIVE, "weight_decay": real(0, hint="use 0 (none) or a small positive value, e.g. 0.01"),
+        # torch takes any text as true here
+        "amsgrad": FLAG, "maximize": FLAG, "foreach": FLAG, "fused": FLAG, "capturable": FLAG, "differentiable": FLAG},
     "ldm.tasks.optim.constant": {"warmup_steps": whole(0, hint="use 0 (none) or a step count, e.g. 200")},
     "ldm.tasks.optim.warmup_cosine": {
         "warmup_steps": whole(0, hint="use 0 (none) or a step count, e.g. 200"), "total_steps": COUNT,
@@ -253,7 +288,7 @@ RANGES: dict[str, dict[str, Rule]] = {
         "seed": SEED},
     # trainer
     "lightning.pytorch.trainer.trainer.Trainer": {
-        "devices": whole(1, also=(-1, "auto"), others=(str, list), hint="a number of devices, -1 (all) or auto"),
+        "devices": Devices(),
         "num_nodes": COUNT, "precision": OneOf(PRECISIONS),
         "fast_dev_run": whole(0, also=(True, False), hint="true, or a number of batches"),
         "max_time": Duration(), "max_epochs": whole(-1, hint="-1: no limit"), "min_epochs": whole(0),
@@ -266,10 +301,14 @@ RANGES: dict[str, dict[str, Rule]] = {
             whole(1, hint="whole optimizer steps, e.g. trainer.val_check_interval=500"),
             real(0, 1, minimum_open=True, hint="a float is a fraction of an epoch; give whole steps as an int, "
                                                "e.g. trainer.val_check_interval=500"),
-            others=(str, dict)),  # a time: Lightning's "00:00:30:00" or {minutes: 30}
+            time=Duration()),  # a time: Lightning's "00:00:30:00" or {minutes: 30}
         "check_val_every_n_epoch": COUNT, "num_sanity_val_steps": whole(-1, hint="-1: the whole validation set"),
         "log_every_n_steps": whole(1, hint="steps between logged values, e.g. 10"), "accumulate_grad_batches": COUNT,
-        "gradient_clip_val": real(0, hint="0: no clipping"), "reload_dataloaders_every_n_epochs": whole(0)},
+        "gradient_clip_val": real(0, hint="0: no clipping"), "reload_dataloaders_every_n_epochs": whole(0),
+        # what Lightning takes of its text settings (it would fail on anything else only when the run starts,
+        # or, for deterministic, take any text as true)
+        "gradient_clip_algorithm": OneOf(("norm", "value")), "deterministic": OneOf((True, False, "warn")),
+        "profiler": OneOf(("simple", "advanced", "pytorch", "xla"), others=(Mapping,))},
 }
 # the nodes without a `_target_` that the code passes to a callable itself
 BUILT_BY_CODE = {"diffusion": "ldm.tasks.diffusion.LatentDiffusion", "vae": "ldm.tasks.autoencoder.AutoencoderTraining"}
@@ -294,7 +333,7 @@ def _walk(found: Findings, node: Any, path: str, built_by_code: Mapping[str, str
         rules = RANGES.get(target_name(target), {}) if target is not None else {}
         for key, child in node.items():
             if key in rules and not _follows_another_key(child):
-                _check(found, f"{path}.{key}", rules[key])
+                check_value(found, f"{path}.{key}", rules[key])
             elif key not in HYDRA_KEYS:
                 _walk(found, child, f"{path}.{key}", built_by_code)
     elif isinstance(node, list):
@@ -304,7 +343,8 @@ def _walk(found: Findings, node: Any, path: str, built_by_code: Mapping[str, str
         found.add(f"{path}={node} is not a finite number", key=path)
 
 
-def _check(found: Findings, key: str, rule: Rule) -> None:
+def check_value(found: Findings, key: str, rule: Rule) -> None:
+    """`key`'s value against `rule` (a key that no constructor takes, such as the top-level `seed`)."""
     value = found.value(key)
     if value is UNKNOWN or value is None:  # null is "not set" (whether the argument takes it is a type question)
         return

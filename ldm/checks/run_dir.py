@@ -40,7 +40,11 @@ def resume_problems(found: Findings) -> None:
     if resume in (None, False, "auto", UNKNOWN):
         return
     path = Path(str(resume)).expanduser()
-    if not path.is_file():
+    if path.is_dir():
+        found.add(f"resume={resume} is a directory: give a checkpoint file, e.g. "
+                  f"resume={path / 'checkpoints' / 'last.ckpt'} (or init_from={resume} to start from that run's "
+                  "weights with a fresh optimizer)")
+    elif not path.is_file():
         found.add(f"resume={resume}: no such file; use resume=auto (this run directory's checkpoints/last.ckpt), "
                   "resume=null (start afresh), or the path of a checkpoint file")
     elif path.stat().st_size == 0:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.data import default_argument
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
-from ldm.checks.ranges import range_problems
+from ldm.checks.ranges import SEED, check_value, range_problems
 from ldm.checks.run_dir import CONFIG_FILE
 from ldm.checks.weights import published_weight_problems
 from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
@@ -37,7 +37,8 @@ def argument_problems(found: Findings, n_minimum: int, n_hint: str) -> None:
     """The numbers sample.py and evaluate.py share."""
     found.integer("n", minimum=n_minimum, hint=n_hint)
     found.integer("batch_size", minimum=1, hint="images per forward pass, e.g. batch_size=250")
-    found.integer("seed", hint="e.g. seed=0")
+    if found.integer("seed", hint="e.g. seed=0") is not UNKNOWN:
+        check_value(found, "seed", SEED)
     found.integer("steps", minimum=1, allow_none=True, hint="sampler steps, e.g. steps=25 (null: the run's own)")
     found.number("guidance", minimum=0, allow_none=True, hint="1 is plain conditional sampling, 0 unconditional, "
                  "above 1 guided (null: the run's diffusion.sample_guidance)")

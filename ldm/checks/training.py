@@ -11,9 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.data import data_problems
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
+from ldm.checks.hardware import accelerator_problems, precision_package_problems, strategy_name_problems
 from ldm.checks.keys import check_config
+from ldm.checks.loggers import wandb_problems
 from ldm.checks.other_runs import init_from_problems, resume_settings_problems
-from ldm.checks.ranges import range_problems
+from ldm.checks.ranges import SEED, check_value, range_problems
 from ldm.checks.run_dir import resume_problems
 from ldm.checks.weights import published_weight_problems
 from ldm.run.tasks import TASKS
@@ -29,6 +31,14 @@ def trainer_problems(found: Findings) -> None:
     if max_steps == 0 and not fast_dev_run:
         found.add("trainer.max_steps=0 trains nothing and leaves no checkpoint: use a positive number of steps, "
                   "e.g. trainer.max_steps=2500", key="trainer.max_steps")
+    max_epochs, max_time = found.value("trainer.max_epochs"), found.value("trainer.max_time")
+    if max_steps == -1 and max_epochs == -1 and max_time is None and not fast_dev_run:
+        found.add("trainer.max_steps=-1 with trainer.max_epochs=-1 and trainer.max_time=null never stops: give a "
+                  "number of optimizer steps (e.g. trainer.max_steps=2000) or a time limit (e.g. "
+                  "trainer.max_time=00:01:00:00)", key="trainer.max_steps")
+    if found.value("trainer.enable_progress_bar") is False and found.node("callbacks.progress") is not None:
+        found.add("trainer.enable_progress_bar=false but callbacks.progress sets a progress bar (Lightning refuses "
+                  "both): switch it off with callbacks.progress=null")
     interval = found.value("trainer.val_check_interval")
     if is_int(interval) and is_int(max_steps) and 0 < max_steps < interval and not fast_dev_run:
         found.add(f"trainer.val_check_interval={interval} is larger than trainer.max_steps={max_steps}: the run "
@@ -78,6 +88,8 @@ def optimization_problems(found: Findings) -> None:
         found.number("optimizer.lr", positive=True, hint="the learning rate must be positive, e.g. optimizer.lr=5e-4")
     if found.has("optimizer.weight_decay"):
         found.number("optimizer.weight_decay", minimum=0, hint="use 0 (none) or a small positive value, e.g. 0.01")
+    if found.value("optimizer.maximize") is True:
+        found.add("optimizer.maximize=true would make the optimizer climb the training loss: leave it false")
 
 
 def schedule_problems(found: Findings) -> None:
@@ -126,7 +138,8 @@ def model_problems(found: Findings) -> None:
 
 
 def run_problems(found: Findings) -> None:
-    found.integer("seed", hint="e.g. seed=0")
+    if found.integer("seed", hint="e.g. seed=0") is not UNKNOWN:
+        check_value(found, "seed", SEED)  # Lightning's seed_everything takes numpy's seeds only
     for key in ("data.batch_size", "data.channels"):
         found.integer(key, minimum=1)
 
@@ -137,7 +150,11 @@ def training_problems(cfg: DictConfig) -> list[str]:
     task = found.value("task", "diffusion")
     range_problems(found)
     trainer_problems(found)
+    accelerator_problems(found)
+    strategy_name_problems(found)
+    precision_package_problems(found)
     strategy_problems(found)
+    wandb_problems(found)
     optimization_problems(found)
     run_problems(found)
     data_problems(found, conditioned=task == "diffusion")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from ldm.utils.errors import ConfigError
 
 NUM_VAL = 300
 SPLIT_SEED = 0
@@ -41,6 +44,24 @@ def to_model_range(images_8x8: np.ndarray, image_size: int) -> torch.Tensor:
     return x.clamp(-1.0, 1.0)
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits_in_memory(count: int, image_size: int) -> None:
+    """The resized images are held in memory: refuse a size they would not fit at, before allocating them."""
+    needed, available = count * image_size * image_size * 4, physical_memory()
+    if available is not None and needed > available:
+        raise ConfigError([f"data.image_size={image_size}: the digits data set keeps its {count} images in memory "
+                           f"(float32), {needed / 1e9:,.0f} GB at this size, more than this machine's "
+                           f"{available / 1e9:,.0f} GB: use a smaller size, e.g. data.image_size=32 (the digits "
+                           "are 8x8 images, scaled up)"])
+
+
 class DigitsDataset(Dataset):
     """Items: `image` (1, S, S) in [-1, 1] and `label` (0-9)."""
 
@@ -49,6 +70,7 @@ class DigitsDataset(Dataset):
     def __init__(self, split: str = "train", image_size: int = 32):
         images, labels = load_digits_8x8()
         index = split_indices(split)
+        check_fits_in_memory(len(index), image_size)
         self.images = to_model_range(images[index], image_size)
         self.labels = torch.from_numpy(labels[index])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -13,6 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
+
+from ldm.utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_NAME = "metadata.jsonl"
@@ -40,7 +43,7 @@ def _from_metadata(root: Path, caption_key: str) -> list[tuple[Path, str]]:
 
 def _from_text_files(root: Path) -> list[tuple[Path, str]]:
     """(image, caption) pairs from images with a same-named .txt file beside them."""
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = _image_files(root)
     uncaptioned = [p for p in images if not p.with_suffix(".txt").is_file()]
     if uncaptioned:
         raise FileNotFoundError(f"{len(uncaptioned)} images in {root} have no caption file, e.g. "
@@ -48,8 +51,43 @@ def _from_text_files(root: Path) -> list[tuple[Path, str]]:
     return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
 
 
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _examples(paths: list, root: Path, count: int = 3) -> str:
+    shown = [str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else str(path)
+             for path in paths[:count]]
+    return ", ".join(shown) + (", ..." if len(paths) > count else "")
+
+
+@functools.lru_cache(maxsize=100_000)
+def _image_problem(path: str, size: int, modified_ns: int) -> str | None:
+    """Why the file is no readable image (PIL reads its header and checks what it can without decoding),
+    else None; remembered per file version, as the train and validation splits scan the same folder."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+def unreadable_images(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(path, reason) of each file that is not an image PIL can read."""
+    found = []
+    for path in paths:
+        stat = path.stat()
+        if (problem := _image_problem(str(path), stat.st_size, stat.st_mtime_ns)) is not None:
+            found.append((path, problem))
+    return found
+
+
 def find_items(root: str | Path, caption_key: str = "text") -> list[tuple[Path, str]]:
-    """All (image path, caption) pairs of a folder, sorted by path; checks that every image exists."""
+    """All (image path, caption) pairs of a folder, sorted by path.
+
+    Every image file must be used and readable: an image left out of metadata.jsonl, or one PIL cannot read, is
+    refused here, when the folder is scanned (before any work), not dropped or found mid-training."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root={root} is not a directory")
@@ -62,6 +100,19 @@ def find_items(root: str | Path, caption_key: str = "text") -> list[tuple[Path, 
     if missing:
         raise FileNotFoundError(f"{len(missing)} images listed in {METADATA_NAME} are missing, "
                                 f"e.g. {missing[0]}")
+    if has_metadata:
+        listed = {path.resolve() for path, _ in items}
+        unlisted = [path for path in _image_files(root) if path.resolve() not in listed]
+        if unlisted:
+            raise UserError(f"root={root}: {len(unlisted)} images are not listed in {METADATA_NAME} "
+                            f"({_examples(unlisted, root)}), so they have no caption: add a line (file_name, "
+                            f"{caption_key}) for each, or move them out of the folder")
+    unreadable = unreadable_images([path for path, _ in items])
+    if unreadable:
+        first, reason = unreadable[0]
+        raise UserError(f"root={root}: {len(unreadable)} of {len(items)} images cannot be read "
+                        f"({_examples([path for path, _ in unreadable], root)}; {first.name}: {reason}): replace or "
+                        "remove them (and their captions)")
     return sorted(items, key=lambda item: str(item[0]))
 
 

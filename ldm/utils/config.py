@@ -39,6 +39,14 @@ def ldm_root() -> str:
     return str(checkout_root() or Path.cwd())
 
 
+def loader_workers(most: int = 8) -> int:
+    """Data-loading processes for this machine: one per CPU core this process may use (its affinity: what SLURM
+    or a container grants), less one for the training process, at most `most`; 0 (load in the main process) on
+    one core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(int(most), cores - 1))
+
+
 def register_resolvers() -> None:
     # `floordiv` is the name saved in run directories' configs, so it stays although it checks more
     if not OmegaConf.has_resolver("floordiv"):
@@ -46,3 +54,6 @@ def register_resolvers() -> None:
     # `${ldm_root:}` is saved in run directories' configs too: the name stays
     if not OmegaConf.has_resolver("ldm_root"):
         OmegaConf.register_new_resolver("ldm_root", ldm_root)
+    # `${loader_workers:}`: data.num_workers from the machine's cores (saved in run directories' configs)
+    if not OmegaConf.has_resolver("loader_workers"):
+        OmegaConf.register_new_resolver("loader_workers", loader_workers)

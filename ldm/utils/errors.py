@@ -12,6 +12,7 @@ import sys
 import traceback
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -43,6 +44,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     checkpoint = sys.modules.get("ldm.utils.checkpoint")  # not imported: none of its errors can have been raised
     if checkpoint is not None:
         types.append(checkpoint.CheckpointError)
+    # what Lightning raises for settings it refuses when the trainer starts (the config check catches those it
+    # knows of before any work; this reports the rest in one line too)
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+    if lightning is not None:
+        types.append(lightning.MisconfigurationException)
     return tuple(types)
 
 
@@ -70,17 +76,35 @@ def exit_for(error: BaseException):
     raise SystemExit(EXIT_USER_ERROR)
 
 
-def remove_new_run_dir(run_dir: str | Path | None) -> None:
-    """Delete a run directory that the failing command created itself, unless a checkpoint is already in it."""
+@dataclass(frozen=True)
+class NewRunDir:
+    """A run directory the command is making, and the highest folder it makes for it (`path` or a parent, such
+    as runs/ and runs/DATE for the first run)."""
+
+    path: Path
+    top: Path
+
+
+def remove_new_run_dir(run_dir: str | Path | NewRunDir | None) -> None:
+    """Delete a run directory that the failing command created itself, unless a checkpoint is already in it, and
+    the folders made for it that are left empty (a folder another job has used since stays)."""
     if run_dir is None:
         return
-    run_dir = Path(run_dir)
-    if run_dir.is_dir() and not any(run_dir.rglob("*.ckpt")):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    new = run_dir if isinstance(run_dir, NewRunDir) else NewRunDir(Path(run_dir), Path(run_dir))
+    if not new.path.is_dir() or any(new.path.rglob("*.ckpt")):
+        return
+    shutil.rmtree(new.path, ignore_errors=True)
+    folder = new.path.parent
+    while new.top != new.path and folder.is_relative_to(new.top):
+        try:
+            folder.rmdir()  # only an empty one
+        except OSError:
+            return
+        folder = folder.parent
 
 
 @contextmanager
-def reported_user_errors(new_run_dir: str | Path | None = None):
+def reported_user_errors(new_run_dir: str | Path | NewRunDir | None = None):
     """Turn a user error raised inside into `error:` lines and exit 2, removing the run directory it created.
 
     When debugging the error propagates with its traceback (after the same clean-up)."""

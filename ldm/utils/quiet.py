@@ -20,6 +20,11 @@ KNOWN_WARNINGS = [
     (r"Precision bf16-mixed is not supported by the model summary", UserWarning, r"lightning\.pytorch"),
     # the streamed latent shards (ldm/data/streaming.py) know their exact length per rank and worker
     (r"Your `IterableDataset` has `__len__` defined", UserWarning, r"lightning\.pytorch"),
+    # after a resume mid-epoch: Lightning looks for a state_dict on the DataLoader itself, but the data position
+    # travels in the checkpoint through the DataModule's state_dict, and ldm/data/order.py continues the epoch
+    # with exactly the batches an uninterrupted run sees (tests/test_resume.py)
+    (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+     UserWarning, r"lightning\.pytorch"),
 ]
 
 # info lines Lightning logs on every run to advertise its cloud products (litlogger, litmodels):
