@@ -74,7 +74,7 @@ def profile_weights(sigma_rel: float, steps: int) -> np.ndarray:
 class Trajectory:
     """A parameter vector doing a random walk, tracked by the real callback (a stand-in trainer and module)."""
 
-    def __init__(self, folder: Path, steps: int = 1000, every: int = 50, dim: int = 2000):
+    def __init__(self, folder: Path, steps: int = 1000, every: int = 60, dim: int = 2000):
         generator = torch.Generator().manual_seed(0)
         self.weights = torch.randn(steps, dim, generator=generator, dtype=torch.float64).cumsum(0)
         module = torch.nn.Module()
@@ -101,7 +101,7 @@ def walk(tmp_path_factory) -> Trajectory:
 
 
 def test_the_callback_tracks_the_power_function_profile(walk):
-    assert [s.step for s in walk.snapshots] == list(range(50, 1001, 50))
+    assert [s.step for s in walk.snapshots] == [*range(60, 1000, 60), 1000]  # and one at the last step
     assert walk.snapshots[-1].sigma_rels == TRACKED
     for sigma_rel, average in zip(TRACKED, walk.callback.averages, strict=True):
         assert set(average) == {"theta"}  # trainable parameters only
@@ -133,7 +133,7 @@ def test_another_length_matches_a_directly_computed_ema(walk, sigma_rel, bound):
 
 
 def test_the_weights_sum_to_one_and_a_written_reconstruction_is_reused_while_current(walk, tmp_path):
-    coefficients, _ = solve_weights([50, 50, 100, 100], [gamma_of(0.05), gamma_of(0.1)] * 2, 100, gamma_of(0.2))
+    coefficients, _ = solve_weights([60, 60, 120, 120], [gamma_of(0.05), gamma_of(0.1)] * 2, 100, gamma_of(0.2))
     assert coefficients.sum() == pytest.approx(1.0)
     folder = tmp_path / "phema"
     for snapshot in walk.snapshots[:4]:
@@ -180,7 +180,7 @@ def test_an_ema_length_the_run_cannot_give_is_refused(runs, check):
     one_problem(asked("with_snapshots", 0.5), "ema_length=0.5: give an EMA length sigma_rel in (0, 0.2887)")
     one_problem(asked("without", 0.08), "ema_length=0.08: run=")
     one_problem(asked("without", 0.08), "has no post-hoc EMA snapshots")
-    one_problem(asked("with_snapshots", 0.005), "ema_length=0.005 is outside what the 20 snapshots of run=")
+    one_problem(asked("with_snapshots", 0.005), "ema_length=0.005 is outside what the 17 snapshots of run=")
     assert "use ema_length in [0.0" in asked("with_snapshots", 0.005)[0]
 
 
@@ -191,7 +191,7 @@ def test_the_reconstruction_command_checks_its_length(runs):
     assert asked("sigma_rel=0.12") == []
     one_problem(asked(), "sigma_rel: missing")
     one_problem(asked("sigma_rel=0"), "sigma_rel=0: give an EMA length sigma_rel in (0, 0.2887)")
-    one_problem(asked("sigma_rel=0.28"), "sigma_rel=0.28 is outside what the 20 snapshots")
+    one_problem(asked("sigma_rel=0.28"), "sigma_rel=0.28 is outside what the 17 snapshots")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -212,5 +212,5 @@ def test_the_command_refuses_without_traceback_or_leftovers(runs, tmp_path):
                             cwd=tmp_path, env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "sigma_rel=0.005 is outside what the 20 snapshots" in errors[0], result.stderr
+    assert len(errors) == 1 and "sigma_rel=0.005 is outside what the 17 snapshots" in errors[0], result.stderr
     assert set(runs["with_snapshots"].rglob("*")) == before and not any(tmp_path.iterdir())
