@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 from conftest import TINY, compose_config
 from probes import Crash, FirstStep
 from safetensors.torch import load_file
 
 from ldm.commands.train import train
+from ldm.run.load import build_run
 from ldm.utils.checkpoint import POWER_EMA_KEY, load_checkpoint
 from ldm.utils.ema_snapshots import list_snapshots
 
@@ -63,3 +65,14 @@ def test_crashed_and_restarted_run_matches_an_uninterrupted_one(uninterrupted, t
     for x, y in zip(expected, got, strict=True):
         x, y = load_file(x.path), load_file(y.path)
         assert x.keys() == y.keys() and max((x[k] - y[k]).abs().max().item() for k in x) < 1e-5
+
+
+def test_a_tracked_post_hoc_ema_length_loads_as_its_last_snapshot(uninterrupted):
+    """`ema_length` equal to a tracked length gives that average at the last step, in the trainable weights only."""
+    module = build_run(compose_config(RUN, uninterrupted), uninterrupted, "last", "cpu", ema_length=0.05)
+    last = load_file(list_snapshots(uninterrupted / "checkpoints" / "phema")[-1].path)
+    weights = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    assert {f"0/{name}" for name in weights} == {key for key in last if key.startswith("0/")}
+    assert max((weights[name] - last[f"0/{name}"]).abs().max().item() for name in weights) < 1e-5
+    plain = build_run(compose_config(RUN, uninterrupted), uninterrupted, "last", "cpu")
+    assert any(not torch.equal(p, weights[name]) for name, p in plain.named_parameters() if name in weights)

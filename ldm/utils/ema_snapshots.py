@@ -85,19 +85,17 @@ def list_snapshots(folder: str | Path) -> list[Snapshot]:
 
 def plan(snapshots: list[Snapshot], sigma_rel: float) -> Reconstruction:
     """The coefficients of every tracked average for the EMA of `sigma_rel` at the last snapshot's step."""
-    if not snapshots:
-        raise UserError("no post-hoc EMA snapshots to reconstruct from")
-    times = [s.step for s in snapshots for _ in s.sigma_rels]
-    gammas = [gamma_of(sigma) for s in snapshots for sigma in s.sigma_rels]
+    times, gammas = _tracked(snapshots)
     step = snapshots[-1].step
     coefficients, fit_error = solve_weights(times, gammas, step, gamma_of(sigma_rel))
     return Reconstruction(float(sigma_rel), step, len(snapshots), fit_error, coefficients)
 
 
 def reconstructable_range(snapshots: list[Snapshot], tolerance: float = FIT_TOLERANCE) -> tuple[float, float] | None:
-    """The interval of sigma_rel around the tracked ones that the snapshots reconstruct within `tolerance`."""
+    """The interval of sigma_rel around the shortest tracked one that the snapshots reconstruct within `tolerance`."""
     grid = np.geomspace(1e-3, MAX_SIGMA_REL * 0.999, 120)
-    good = [plan(snapshots, float(sigma)).fit_error <= tolerance for sigma in grid]
+    times, gammas = _tracked(snapshots)
+    good = solve_weights(times, gammas, snapshots[-1].step, np.array([gamma_of(s) for s in grid]))[1] <= tolerance
     tracked = min(s for snapshot in snapshots for s in snapshot.sigma_rels)
     low = high = int(np.argmin(np.abs(np.log(grid / tracked))))
     if not good[low]:
@@ -107,6 +105,14 @@ def reconstructable_range(snapshots: list[Snapshot], tolerance: float = FIT_TOLE
     while high < len(grid) - 1 and good[high + 1]:
         high += 1
     return float(grid[low]), float(grid[high])
+
+
+def _tracked(snapshots: list[Snapshot]) -> tuple[list[int], list[float]]:
+    """The time and exponent of every tracked average, in snapshot then profile order."""
+    if not snapshots:
+        raise UserError("no post-hoc EMA snapshots to reconstruct from")
+    return ([s.step for s in snapshots for _ in s.sigma_rels],
+            [gamma_of(sigma) for s in snapshots for sigma in s.sigma_rels])
 
 
 def reconstruct(snapshots: list[Snapshot], sigma_rel: float) -> tuple[dict[str, torch.Tensor], Reconstruction]:

@@ -53,18 +53,22 @@ def inner_products(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray, gamma_
     return scale * (shorter / t_a) ** (gamma_a + 1) * (shorter / t_b) ** (gamma_b + 1)
 
 
-def solve_weights(times: Sequence[float], gammas: Sequence[float], t_out: float, gamma_out: float
-                  ) -> tuple[np.ndarray, float]:
+def solve_weights(times: Sequence[float], gammas: Sequence[float], t_out: float, gamma_out: float | np.ndarray
+                  ) -> tuple[np.ndarray, float | np.ndarray]:
     """Weights w (one per tracked average) with sum_i w_i p_i closest to the profile (t_out, gamma_out), and the
-    fit's relative L2 error ||sum_i w_i p_i - p_out|| / ||p_out||.
+    fit's relative L2 error ||sum_i w_i p_i - p_out|| / ||p_out||; for an array of gamma_out, a column and an
+    error for each.
 
     The normal equations A w = b of the least-squares fit, A_ij = <p_i, p_j>, b_i = <p_i, p_out>; the weights are
     then scaled to sum to 1, so that a constant trajectory is reproduced exactly."""
     times, gammas = np.asarray(times, dtype=np.float64), np.asarray(gammas, dtype=np.float64)
+    gamma_out = np.asarray(gamma_out, dtype=np.float64)
+    outs = np.atleast_1d(gamma_out)
     gram = inner_products(times[:, None], gammas[:, None], times[None, :], gammas[None, :])
-    target = inner_products(times, gammas, t_out, gamma_out)
+    target = inner_products(times[:, None], gammas[:, None], t_out, outs[None, :])  # (tracked, outputs)
     weights = np.linalg.lstsq(gram, target, rcond=None)[0]
-    weights = weights / weights.sum()
-    target_norm = inner_products(t_out, gamma_out, t_out, gamma_out)
-    residual = weights @ gram @ weights - 2.0 * weights @ target + target_norm
-    return weights, float(np.sqrt(max(residual, 0.0) / target_norm))
+    weights = weights / weights.sum(axis=0)
+    target_norm = inner_products(t_out, outs, t_out, outs)
+    residual = np.einsum("im,ij,jm->m", weights, gram, weights) - 2.0 * (weights * target).sum(axis=0) + target_norm
+    errors = np.sqrt(np.maximum(residual, 0.0) / target_norm)
+    return (weights[:, 0], float(errors[0])) if gamma_out.ndim == 0 else (weights, errors)
