@@ -11,7 +11,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import ldm.commands.train
-from ldm.checks.hydra import CheckEvaluationConfig, CheckSamplingConfig, CheckTrainingConfig, checked_by_hydra
+from ldm.checks.hydra import (
+    CheckEmaConfig,
+    CheckEvaluationConfig,
+    CheckSamplingConfig,
+    CheckTrainingConfig,
+    checked_by_hydra,
+)
 
 
 @pytest.fixture
@@ -35,11 +41,11 @@ def test_outside_hydra_nothing_counts_as_checked():
 
 
 @pytest.mark.parametrize("config_name, callback", [("train", CheckTrainingConfig), ("sample", CheckSamplingConfig),
-                                                   ("evaluate", CheckEvaluationConfig)])
+                                                   ("evaluate", CheckEvaluationConfig), ("ema", CheckEmaConfig)])
 def test_each_command_is_checked_by_its_own_callback(hydra_job, config_name, callback):
     hydra_job(config_name)
     assert checked_by_hydra(callback)
-    others = {CheckTrainingConfig, CheckSamplingConfig, CheckEvaluationConfig} - {callback}
+    others = {CheckTrainingConfig, CheckSamplingConfig, CheckEvaluationConfig, CheckEmaConfig} - {callback}
     assert not any(checked_by_hydra(other) for other in others)
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from conftest import ROOT
 from forked import run
+from safetensors.torch import load_file
 
-from ldm.utils.checkpoint import load_checkpoint
+from ldm.utils.checkpoint import POWER_EMA_KEY, load_checkpoint
 
 ARGS = ["trainer.accelerator=cpu", "logger=csv", "data.batch_size=32", "model.depth=2",
         "lr_scheduler.warmup_steps=0", "callbacks.sample_grid=null", "callbacks.ema.update_starting_at_step=0",
-        "callbacks.ema.decay=0.9", "trainer.max_steps=100",
+        "callbacks.ema.decay=0.9", "callbacks.phema.snapshot_every=10", "trainer.max_steps=100",
         # the metric callbacks stay on (they must not disturb what a resumed run replays), at a size that keeps
         # twenty validations short
         "callbacks.sample_metrics.num_samples=16", "diffusion.sample_steps=2", "callbacks.noise_levels.batch_size=8",
@@ -89,13 +90,17 @@ def _finish(run_dir: Path) -> str:
 
 
 def _readable_checkpoints(run_dir: Path, finished: bool = False) -> list[Path]:
-    """Every checkpoint reads; temporaries of a killed write may remain until the run restarts."""
-    files = sorted((run_dir / "checkpoints").iterdir())
+    """Every checkpoint and post-hoc EMA snapshot reads; temporaries of a killed write may remain until the run
+    restarts."""
+    folder = run_dir / "checkpoints"
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
     for path in files:
         if path.name.startswith("."):
             assert not finished, f"a temporary file was left behind: {path}"
-            continue
-        load_checkpoint(path)  # raises if empty or truncated
+        elif path.parent.name == "phema":
+            load_file(path)  # raises if empty or truncated
+        else:
+            load_checkpoint(path)
     return files
 
 
@@ -119,5 +124,13 @@ def test_killed_runs_end_with_the_uninterrupted_weights(tmp_path):
     assert a["global_step"] == b["global_step"] == 100
     differ = [f"{key}.{name}" for key in ("state_dict", "ema_state_dict") for name in a[key]
               if not torch.equal(a[key][name], b[key][name])]
+    for k, (x, y) in enumerate(zip(a[POWER_EMA_KEY]["averages"], b[POWER_EMA_KEY]["averages"], strict=True)):
+        differ += [f"power EMA {k}.{name}" for name in x if not torch.equal(x[name], y[name])]
+    snapshots = [sorted((run / "checkpoints" / "phema").iterdir()) for run in (reference, killed)]
+    assert [p.name for p in snapshots[0]] == [p.name for p in snapshots[1]] == [
+        f"snapshot-{step:07d}.safetensors" for step in range(10, 101, 10)]
+    for x, y in zip(*snapshots, strict=True):
+        x, y = load_file(x), load_file(y)
+        differ += [f"{name} of a snapshot" for name in x if not torch.equal(x[name], y[name])]
     print(f"tensors that differ after {kills} kills: {differ}")
     assert not differ

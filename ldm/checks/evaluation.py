@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checks.findings import Findings
 from ldm.checks.hardware import accelerator_problems, strategy_name_problems
 from ldm.checks.ranges import range_problems
-from ldm.checks.sampling import argument_problems, checkpoint_problems, run_problems
+from ldm.checks.sampling import argument_problems, checkpoint_problems, post_hoc_ema_problems, run_problems
 from ldm.evaluation.suites import SPLITS
 from ldm.run.build import uses_gpu
 from ldm.utils.config import CONF
@@ -40,11 +40,17 @@ def evaluation_problems(cfg: DictConfig) -> list[str]:
             found.add("samples= and preset=: a sample file is scored against data, give run=DIR or reference_data=")
         if found.value("real") is not None:
             found.add("samples= and real=: give one, a sample file or a split of real images to score")
+        if found.value("ema_length") is not None:
+            found.add("samples= and ema_length=: a sample file is scored as it is; drop ema_length=")
         reference_data_problems(found)
         if run is None:
             return found.problems
     run_problems(found, "evaluate.py")
     checkpoint_problems(found, ("last", "best", "init"))
+    if found.value("real") is not None and found.value("ema_length") is not None:
+        found.add("real= and ema_length=: real images use no denoiser weights; drop ema_length=")
+    else:
+        post_hoc_ema_problems(found)
     return found.problems
 
 

@@ -167,6 +167,15 @@ class CheckSamplingConfig(CheckConfig):
         return sampling_problems(config)
 
 
+class CheckEmaConfig(CheckConfig):
+    """Hydra callback of `python -m ldm.ema`: the run and the length asked of its snapshots."""
+
+    def problems(self, config: DictConfig) -> list[str]:
+        from ldm.checks.sampling import ema_problems  # deferred: imports torch (see above)
+
+        return ema_problems(config)
+
+
 class CheckEvaluationConfig(CheckConfig):
     """Hydra callback of evaluate.py: the arguments are checked before the output directory is made."""
 

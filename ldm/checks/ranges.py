@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from ldm.checks.findings import UNKNOWN, Findings, hint_text, is_int, is_number, show
 from ldm.checks.keys import HYDRA_KEYS, SKIPPED_ROOTS
+from ldm.utils.power_ema import MAX_SIGMA_REL
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,9 @@ PROBABILITY = real(0, 1)
 FRACTION = real(0, 1, minimum_open=True, maximum_open=True)  # a share that must leave something on both sides
 GUIDANCE = real(0, hint="1 is plain conditional sampling, 0 unconditional")
 FLAG = OneOf((True, False))            # a switch (null, where taken, is "the library decides")
+# a power-function EMA's length relative to the training time; 1 / sqrt(12) is the plain mean of every step so far
+SIGMA_REL = real(0, MAX_SIGMA_REL, minimum_open=True, maximum_open=True, lists=True,
+                 hint="EMA lengths relative to the training time; EDM2 tracks [0.05, 0.10]")
 SIZES = whole(1, lists=True)           # an int or one per dimension; channel multipliers
 DATA = {"image_size": COUNT, "channels": COUNT, "num_classes": COUNT, "batch_size": COUNT,
         "num_workers": whole(0, hint="0 loads in the main process"), "val_batch_size": COUNT, "seed": SEED,
@@ -264,6 +268,7 @@ RANGES: dict[str, dict[str, Rule]] = {
     "ldm.callbacks.ema.EMA": {"decay": real(0, 1, maximum_open=True, hint="an EMA decay such as 0.995 (1 would "
                                                                              "never move)"),
                               "update_starting_at_step": STEPS, "update_every_n_steps": COUNT},
+    "ldm.callbacks.phema.PostHocEMA": {"sigma_rels": SIGMA_REL, "snapshot_every": COUNT},
     "ldm.callbacks.grad_norm.GradNorm": {"norm_type": real(0, minimum_open=True, infinite=True,
                                                            hint="2 is the usual norm, inf the largest entry")},
     "ldm.callbacks.metrics.SampleMetrics": {

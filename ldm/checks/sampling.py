@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.data import default_argument
+from ldm.checks.ema import ema_length_problems
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
 from ldm.checks.ranges import SEED, check_value, range_problems
 from ldm.checks.run_dir import CONFIG_FILE
@@ -26,6 +27,7 @@ def sampling_problems(cfg: DictConfig) -> list[str]:
     argument_problems(found, n_minimum=1, n_hint="the number of images to draw, e.g. n=100")
     run_problems(found, "sample.py")
     checkpoint_problems(found, ("last", "best"))
+    post_hoc_ema_problems(found)
     out = found.value("out")
     if out is not None and not str(out).endswith(".npz"):
         found.add(f"out={out}: sample.py writes an .npz archive (and a .png grid beside it); give a name ending "
@@ -59,6 +61,29 @@ def checkpoint_problems(found: Findings, names: tuple[str, ...]) -> None:
     if checkpoint not in (*names, UNKNOWN) and not Path(str(checkpoint)).expanduser().is_file():
         found.add(f"checkpoint={checkpoint}: no such file; use {', '.join(names)}, or the path of a checkpoint file"
                   + (" (init: untrained)" if "init" in names else ""))
+
+
+def post_hoc_ema_problems(found: Findings) -> None:
+    """`ema_length=`: the run's snapshots reconstruct it, and it replaces the last checkpoint's EMA weights."""
+    if found.value("ema_length") is None:
+        return
+    checkpoint = found.value("checkpoint")
+    if checkpoint not in ("last", UNKNOWN):
+        found.add(f"ema_length= and checkpoint={checkpoint}: the post-hoc EMA is reconstructed from the run's "
+                  "snapshots up to its last one; drop checkpoint= (or ema_length=, for that checkpoint's own EMA)")
+    run = None if OmegaConf.is_missing(found.cfg, "run") else found.value("run")
+    ema_length_problems(found, "ema_length", run)
+
+
+def ema_problems(cfg: DictConfig) -> list[str]:
+    """The arguments of `python -m ldm.ema`: a training run, and a length its snapshots reconstruct."""
+    found = Findings(cfg)
+    if run_config(found, "python -m ldm.ema") is not None:
+        if OmegaConf.is_missing(cfg, "sigma_rel"):
+            found.add("sigma_rel: missing; give the EMA length to reconstruct, e.g. sigma_rel=0.08")
+        else:
+            ema_length_problems(found, "sigma_rel", found.value("run"))
+    return found.problems
 
 
 def check_sampling(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.data import data_problems
+from ldm.checks.ema import power_ema_problems, power_ema_switched_off
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
 from ldm.checks.hardware import accelerator_problems, precision_package_problems, strategy_name_problems
 from ldm.checks.keys import check_config
@@ -51,6 +52,7 @@ def trainer_problems(found: Findings) -> None:
 SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 # callbacks that need whole parameters on rank 0 (FSDP keeps only a shard of each on every rank)
 WHOLE_PARAMETER_CALLBACKS = {"ldm.callbacks.ema.EMA": "averages whole parameters and saves them from rank 0",
+                             "ldm.callbacks.phema.PostHocEMA": "averages whole parameters and saves them from rank 0",
                              "ldm.callbacks.sample_grid.SampleGrid": "samples on rank 0 alone",
                              "ldm.callbacks.reconstructions.Reconstructions": "decodes on rank 0 alone",
                              "ldm.callbacks.noise_levels.NoiseLevelLoss": "runs the denoiser on rank 0 alone",
@@ -75,7 +77,7 @@ def strategy_problems(found: Findings) -> None:
     callbacks = found.node("callbacks")
     for name in callbacks.keys() if OmegaConf.is_dict(callbacks) else ():
         target = found.value(f"callbacks.{name}._target_")
-        if target in WHOLE_PARAMETER_CALLBACKS:
+        if target in WHOLE_PARAMETER_CALLBACKS and not power_ema_switched_off(found, name):
             found.add(f"callbacks.{name} ({target}) {WHOLE_PARAMETER_CALLBACKS[target]}, but "
                       f"trainer.strategy={strategy} keeps only a shard of each parameter on every rank: use "
                       f"trainer=ddp (every rank holds the whole model; each denoiser here fits one GPU), or "
@@ -149,6 +151,7 @@ def training_problems(cfg: DictConfig) -> list[str]:
     found = Findings(cfg)
     task = found.value("task", "diffusion")
     range_problems(found)
+    power_ema_problems(found)
     trainer_problems(found)
     accelerator_problems(found)
     strategy_name_problems(found)

@@ -69,7 +69,7 @@ def sample(cfg: DictConfig) -> Path:
     if preset_sampling(cfg):  # the weights come from the files the preset's config names
         module = build_diffusion(run_cfg).to(device).eval()
     else:
-        module = build_run(run_cfg, Path(cfg.run), cfg.checkpoint, device)
+        module = build_run(run_cfg, Path(cfg.run), cfg.checkpoint, device, cfg.get("ema_length"))
     sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else module.sampler
     generator = torch.Generator().manual_seed(cfg.seed)
     images = []

@@ -30,7 +30,14 @@ from ldm.evaluation.suites import (
     split_captions,
 )
 from ldm.run.build import build_diffusion, resolve_precision
-from ldm.run.load import condition_inputs, preset_sampling, read_run_config, run_checkpoint, sampling_config
+from ldm.run.load import (
+    condition_inputs,
+    load_post_hoc_ema,
+    preset_sampling,
+    read_run_config,
+    run_checkpoint,
+    sampling_config,
+)
 from ldm.utils.checkpoint import EMA_KEY
 from ldm.utils.config import CONF
 from ldm.utils.images import make_grid, save_png
@@ -145,8 +152,13 @@ def build_model(cfg: DictConfig, run_cfg: DictConfig):
         return module.eval(), {"checkpoint": "init", "checkpoint_step": 0, "ema": False}
     weights = run_checkpoint(Path(cfg.run), cfg.checkpoint)
     module.load_checkpoint(weights, ema=True)
-    return module.eval(), {"checkpoint": cfg.checkpoint, "checkpoint_step": int(weights.get("global_step", -1)),
-                           "ema": bool(weights.get(EMA_KEY))}
+    source = {"checkpoint": cfg.checkpoint, "checkpoint_step": int(weights.get("global_step", -1)),
+              "ema": bool(weights.get(EMA_KEY))}
+    if cfg.get("ema_length") is not None:  # the post-hoc EMA of that length replaces the checkpoint's
+        made = load_post_hoc_ema(module, Path(cfg.run), cfg.ema_length)
+        source.update(ema_length=float(cfg.ema_length), ema_step=int(made["step"]),
+                      ema_snapshots=int(made["snapshots"]), ema_fit_error=float(made["fit_error"]))
+    return module.eval(), source
 
 
 def run_suite(cfg: DictConfig, data_cfg: DictConfig, keys):

@@ -44,6 +44,8 @@ def label(settings: dict) -> str:
     if settings.get("samples"):
         return Path(settings["samples"]).name
     name = settings.get("sampler_name") or settings.get("sampler") or "?"
+    if settings.get("ema_length") is not None:  # a post-hoc EMA length: a row per length
+        name = f"{name} ema_length {settings['ema_length']:g}"
     return f"{name} (untrained)" if settings.get("checkpoint") == "init" else name
 
 

@@ -19,6 +19,7 @@ from ldm.run.build import build_diffusion
 from ldm.run.presets import preset_config
 from ldm.run.trust import load_run_config
 from ldm.utils.checkpoint import CheckpointError, load_checkpoint, newest_readable
+from ldm.utils.ema_snapshots import reconstructed, snapshot_folder
 from ldm.utils.errors import UserError
 
 
@@ -71,11 +72,30 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str | torch.
     return cfg, build_run(cfg, Path(run_dir), checkpoint, device)
 
 
-def build_run(cfg: DictConfig, run_dir: Path, checkpoint: str, device: str | torch.device):
+def build_run(cfg: DictConfig, run_dir: Path, checkpoint: str, device: str | torch.device,
+              ema_length: float | None = None):
+    """The run's module with its checkpoint's weights; with `ema_length`, the post-hoc EMA of that length instead."""
     weights = run_checkpoint(run_dir, checkpoint)
     module = build_diffusion(cfg)
     module.load_checkpoint(weights, ema=True)
+    if ema_length is not None:
+        load_post_hoc_ema(module, run_dir, ema_length)
     return module.to(device).eval()
+
+
+def load_post_hoc_ema(module: torch.nn.Module, run_dir: Path, ema_length: float) -> dict[str, str]:
+    """Put the post-hoc EMA of length `ema_length` (sigma_rel), reconstructed from the run's snapshots (or the file
+    `python -m ldm.ema` wrote of it), into the module's trainable parameters; returns how it was made."""
+    weights, metadata = reconstructed(snapshot_folder(Path(run_dir) / "checkpoints"), float(ema_length))
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if weights.keys() != params.keys():
+        differ = sorted(weights.keys() ^ params.keys())
+        raise CheckpointError(f"ema_length={ema_length}: the post-hoc EMA snapshots of {run_dir} hold other parameters "
+                              f"than the run's trainable ones (e.g. {differ[:3]}): were they written by another run?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    return metadata
 
 
 def condition_inputs(run_cfg: DictConfig) -> dict[str, int | None]:

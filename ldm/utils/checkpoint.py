@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"
 EMA_KEY = "ema_state_dict"  # a checkpoint's EMA weights, beside the raw ones in `state_dict`
+POWER_EMA_KEY = "power_ema_state_dict"  # the post-hoc EMA's tracked averages (ldm/callbacks/phema.py)
 
 
 class CheckpointError(RuntimeError):
