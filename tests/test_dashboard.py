@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose_config, train_run
+from omegaconf import OmegaConf
 from PIL import Image
 from wandb_log import history_with
 
@@ -43,14 +44,15 @@ def test_loss_per_noise_level_is_the_checkpoint_loss_of_a_fixed_batch_in_each_bi
     assert sum(BINS[0] in row for row in rows) == 2  # at both validations
     _, module = load_run(run_dir)
     schedule = module.schedule
-    images = DigitsDataset("val").images[:64]
-    labels = DigitsDataset("val").labels[:64]
+    n = OmegaConf.load(run_dir / ".hydra" / "config.yaml").callbacks.noise_levels.batch_size
+    images = DigitsDataset("val").images[:n]
+    labels = DigitsDataset("val").labels[:n]
     with torch.no_grad():
         z0 = (module.autoencoder.encode(images, sample=False) - module.latent_shift) * module.latent_scale
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
         cond = module.conditioner({"label": labels})
         for b, name in enumerate(BINS):
-            t = (b + (torch.arange(64) + 0.5) / 64) / 10
+            t = (b + (torch.arange(n) + 0.5) / n) / 10
             alpha, sigma = (v.view(-1, 1, 1, 1) for v in schedule.alpha_sigma(t))
             x_t = alpha * z0 + sigma * noise
             x_in, t_in = schedule.model_input(x_t, t)

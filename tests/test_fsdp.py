@@ -5,6 +5,7 @@ are refused before anything is built, naming what to use instead; the rest passe
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import compose_config
 
 from ldm.checks.training import check_training
@@ -41,7 +42,12 @@ def test_spawned_copies_are_refused(strategy):
     assert [p for p in problems([f"trainer.strategy={strategy}", "trainer.devices=2"]) if strategy in p]
 
 
-def test_fsdp_on_gpus_without_them_and_ddp_pass():
+def test_fsdp_on_gpus_without_them_and_ddp_pass(monkeypatch):
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    # a machine with two GPUs, as far as the checks can tell
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert problems(["trainer=fsdp", *FSDP_OFF]) == []
     assert problems(["trainer=ddp"]) == []
     assert problems(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]) == []

@@ -46,7 +46,7 @@ PROJECT_FUNCTIONS = frozenset({
 # resolvers that only compute a value: the project's own (ldm.utils.config), OmegaConf's and Hydra's harmless
 # ones. oc.create and oc.decode are left out on purpose: they turn a string into config nodes, which
 # could hold a `_target_` that this check never saw
-RESOLVERS = frozenset({"floordiv", "ldm_root", "oc.env", "oc.select", "now", "hydra"})
+RESOLVERS = frozenset({"floordiv", "ldm_root", "loader_workers", "oc.env", "oc.select", "now", "hydra"})
 
 # Hydra's positional arguments: no shipped config uses them, and a list of values is harder to check
 REFUSED_KEYS = frozenset({"_args_"})
