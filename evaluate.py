@@ -1,11 +1,14 @@
 """Evaluate a run: python evaluate.py run=DIR [n=N] [sampler=NAME] [steps=K] [guidance=G] (see conf/evaluate.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import ldm  # noqa: F401  (registers the config resolvers)
 from ldm.checks.hydra import created_run_dir
-from ldm.utils.errors import reported_user_errors
+from ldm.run.renamed import guidance_arguments
+from ldm.utils.errors import ConfigError, exit_for, reported_user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -19,4 +22,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:], problems = guidance_arguments(sys.argv[1:])  # guidance=G is guidance.scale=G
+    if problems:
+        exit_for(ConfigError(problems))
     main()

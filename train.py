@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 import ldm  # noqa: F401  (registers the config resolvers)
 from ldm.checks.hydra import created_run_dir
-from ldm.run.renamed import renamed_overrides
+from ldm.run.renamed import guidance_arguments, renamed_overrides
 from ldm.utils.errors import ConfigError, exit_for, reported_user_errors
 
 
@@ -21,6 +21,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    if moved := renamed_overrides(sys.argv[1:]):
-        exit_for(ConfigError(moved))
+    sys.argv[1:], problems = guidance_arguments(sys.argv[1:])  # guidance=G is guidance.scale=G
+    if problems := renamed_overrides(sys.argv[1:]) + problems:
+        exit_for(ConfigError(problems))
     main()

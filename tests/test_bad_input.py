@@ -145,7 +145,7 @@ def test_training_config_mistake_gives_one_message(overrides, message, files, no
 # (arguments of `python sample.py` besides run=, a part of the one expected message)
 SAMPLING = [
     (["steps=0"], "steps=0 must be at least 1"),
-    (["guidance=-1"], "guidance=-1 must be at least 0"),
+    (["guidance=-1"], "guidance.scale=-1 must be at least 0"),
     (["n=0"], "n=0 must be at least 1"),
     (["run={text_run}", "prompts=a small red circle"], "prompts='a small red circle' is one string, not a list"),
     (["run={text_run}", "prompts=[]"], "prompts=[]: give a non-empty list of strings"),
@@ -155,8 +155,8 @@ SAMPLING = [
     (["labels=[1.5]"], "labels=[1.5]: 1.5 is not a whole number"),
     (["labels=3"], "labels=3 is not a list"),
     (["prompts=[a red circle]"], "prompts: the run's conditioner reads no captions"),
-    (["guidance_rescale=2"], "guidance_rescale=2 must be in [0, 1]"),
-    (["guidance_interval=[0.9,0.1]"], "guidance_interval=[0.9, 0.1]: give [t_lo, t_hi]"),
+    (["guidance_rescale=2"], "guidance.rescale=2 must be in [0, 1]"),
+    (["guidance_interval=[0.9,0.1]"], "guidance.interval_t=[0.9, 0.1]: give [t_lo, t_hi]"),
     (["batch_size=0"], "batch_size=0 must be at least 1"),
     (["checkpoint={missing}"], "missing.ckpt: no such file"),
     (["run={text_run}", "prompts_file={missing}"], "missing.ckpt: no such file; give a text file"),
@@ -309,7 +309,7 @@ def test_sample_command_refuses_a_prompt_string(files, tmp_path):
 def test_guidance_that_is_not_a_number_is_refused_before_sampling(script, files, tmp_path):
     before = set(tmp_path.rglob("*"))
     result = run_command(script, f"run={files['class_run']}", "guidance=nan", cwd=tmp_path)
-    assert_refused(result, "guidance=nan is not a finite number")
+    assert_refused(result, "guidance.scale=nan is not a finite number")
     assert_nothing_written(tmp_path, before)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ldm.contracts.conditioning import Conditioning
-from ldm.samplers import Euler, classifier_free_guidance
+from ldm.guidance import classifier_free_guidance
+from ldm.samplers import Euler
 from ldm.schedules import RectifiedFlow
 
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.data import data_problems
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
+from ldm.checks.guidance import guidance_problems
 from ldm.checks.keys import check_config
 from ldm.checks.other_runs import init_from_problems, resume_settings_problems
 from ldm.checks.ranges import range_problems
@@ -125,6 +126,14 @@ def model_problems(found: Findings) -> None:
                       f"multiple of {factor * (downsample if is_int(downsample) else 1)}")
 
 
+def classifier_task_problems(found: Findings) -> None:
+    """task=classifier learns the class labels of the data set: it needs some."""
+    classes = found.value("data.num_classes")
+    if not is_int(classes):
+        found.add(f"task=classifier learns the data's class labels, but data.num_classes={classes}: train it on a "
+                  "labelled data set (e.g. data=digits)")
+
+
 def run_problems(found: Findings) -> None:
     found.integer("seed", hint="e.g. seed=0")
     for key in ("data.batch_size", "data.channels"):
@@ -140,11 +149,14 @@ def training_problems(cfg: DictConfig) -> list[str]:
     strategy_problems(found)
     optimization_problems(found)
     run_problems(found)
-    data_problems(found, conditioned=task == "diffusion")
+    data_problems(found, conditioned=task in ("diffusion", "classifier"))
+    if task == "classifier":
+        classifier_task_problems(found)
     if task == "diffusion":
         schedule_problems(found)
         model_problems(found)
         published_weight_problems(found)
+        guidance_problems(found, cfg)  # how the sample grids and metrics guide
     resume_problems(found)
     resume_settings_problems(found)
     init_from_problems(found)

@@ -66,3 +66,10 @@ class Guidance(nn.Module):
         if self.interval is not None:
             out.update(self.interval.record())
         return out
+
+
+def as_guidance(value: Guidance | float | None, default_scale: float) -> Guidance:
+    """A `Guidance` as it is; a number as classifier-free guidance of that scale; None as `default_scale`."""
+    if isinstance(value, Guidance):
+        return value
+    return Guidance(scale=default_scale if value is None else float(value))
