@@ -155,7 +155,7 @@ def fit_problems(found: Findings, key: str, run: Any, run_cfg: DictConfig, other
             continue
         name, mine, its = first_difference(group, ours, theirs)
         what = {"data": "another data set", "schedule": "another parameterization (both must read the same x_t "
-                                                                  "and t)"}.get(group.split(".")[0], "other latents")
+                                                                  "and t)"}.get(group, "other latents")
         found.add(f"{key}={run} was trained with {name}={its}, this run with {name}={mine}: {what}; use a run made "
                   f"with this run's {group.split('.')[0]} settings")
         return
