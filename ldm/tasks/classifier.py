@@ -38,7 +38,8 @@ class ClassifierTraining(FusedClipping, LatentSpace, L.LightningModule):
         """log p(y | x_t) for `labels` (B,): the function classifier guidance differentiates."""
 
         def log_likelihood(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return F.log_softmax(self.logits(x_t, t), dim=1).gather(1, labels[:, None].long())[:, 0]
+            index = labels.clone()[:, None].long()  # a copy made where the gradient is taken (not inference mode)
+            return F.log_softmax(self.logits(x_t, t), dim=1).gather(1, index)[:, 0]
 
         return log_likelihood
 
