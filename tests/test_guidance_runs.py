@@ -163,3 +163,32 @@ def test_the_training_callbacks_take_the_guidance_group(tmp_path):
     assert isinstance(module.guidance, Guidance) and module.guidance.scale == 3.0
     interval = module.guidance.interval
     assert (interval.low, interval.high, interval.in_t) == (0.5, 5, False)
+
+
+@pytest.mark.parametrize("schedule", ["flow", "edm"])
+def test_the_classifier_sees_the_runs_noisy_latents(schedule):
+    """What the network reads in training: model_input of x_t = alpha z0 + sigma noise under the config's own
+    schedule, at times from its own time sampler (log-normal noise levels for EDM), drawn in that order."""
+    from ldm.run.build import build_classifier_training
+    from ldm.utils.noise import randn
+
+    module = build_classifier_training(compose_config(["task=classifier", f"schedule={schedule}"]))
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            seen.update(x=x, t=t)
+            return torch.zeros(len(x), 10, requires_grad=True)
+
+    module.classifier = Recorder()
+    batch = {"image": torch.rand(6, 1, 32, 32) * 2 - 1, "label": torch.arange(6)}
+    module._losses(batch, torch.Generator().manual_seed(5), sample=False)
+    generator = torch.Generator().manual_seed(5)
+    z0 = module.latents(batch, sample=False, generator=generator)
+    noise = randn(z0.shape, generator=generator)
+    t = module.schedule.sample_t(6, generator=generator)
+    alpha, sigma = module.schedule.alpha_sigma(t)
+    x_in, t_in = module.schedule.model_input(alpha[:, None, None, None] * z0 + sigma[:, None, None, None] * noise, t)
+    torch.testing.assert_close(seen["x"], x_in)
+    torch.testing.assert_close(seen["t"], t_in)
+    assert sigma.min() > 0 and not torch.allclose(seen["x"], module.schedule.model_input(z0, t)[0])
