@@ -170,7 +170,10 @@ SAMPLING = [
      "guidance.cfg_scale=-1 must be at least 0"),
     (["guidance.interval=[5,0.3]"], "guidance.interval=[5, 0.3]: give [sigma_lo, sigma_hi] with sigma_lo < sigma_hi"),
     (["guidance.interval=[-1,3]"], "guidance.interval=-1 must be at least 0"),
-    (["run={edm_run}", "guidance.interval=[100,200]"], "the run's schedule starts at noise level sigma/alpha = 80"),
+    (["run={edm_run}", "guidance.interval=[100,200]"], "guidance.interval=[100, 200]: none of the 25 sampler steps' "
+                                                        "noise levels sigma/alpha (0.002 to 80) is in (100, 200]"),
+    (["run={edm_run}", "guidance.interval=[0,0.001]"], "(0.002 to 80) is in (0, 0.001]; nothing would be guided"),
+    (["guidance.interval_t=[0.01,0.03]", "steps=10"], "none of the 10 sampler steps' times (0.1 to 1) is in it"),
     (["guidance.interval_t=[0.5,1.5]"], "guidance.interval_t=1.5 must be in [0, 1]"),
     (["guidance.interval=[0.3,5]", "guidance.interval_t=[0.1,0.9]"], "give one, in noise level sigma/alpha"),
     (["guidance=auto"], "guidance.weak_checkpoint=last is the checkpoint the run samples with (checkpoint=last)"),

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.data import condition_facts
 from ldm.checks.findings import UNKNOWN, Findings, is_number
 from ldm.checks.run_dir import CONFIG_FILE
-from ldm.guidance import KINDS, noise_level
+from ldm.guidance import KINDS, NoiseInterval, noise_level
 from ldm.run.trust import check_run_config
 from ldm.utils.errors import UserError
 
@@ -62,20 +61,42 @@ def interval_problems(found: Findings, run_cfg: DictConfig | None) -> None:
                       "or null (guide at every step)", key=key)
         elif unit == "t" and not 0 <= value[0] < value[1] <= 1:
             found.add(f"{key}={value}: times are in [0, 1]; give 0 <= t_lo < t_hi <= 1, e.g. {key}={example}", key=key)
-        elif unit == "sigma" and (top := top_noise_level(run_cfg)) is not None and value[0] >= top:
-            found.add(f"{key}={value}: the run's schedule starts at noise level sigma/alpha = {top:.4g}, so "
-                      f"sigma > {value[0]:g} never occurs and nothing would be guided; give sigma_lo below {top:.4g}",
-                      key=key)
+        elif (problem := unvisited(value, unit == "t", run_cfg, sampler_steps(found, run_cfg))) is not None:
+            found.add(f"{key}={value}: {problem}; nothing would be guided", key=key)
 
 
-def top_noise_level(run_cfg: DictConfig | None) -> float | None:
-    """sigma / alpha at t = 1 of the run's schedule (inf for flow); None when it cannot be built here."""
+def sampler_steps(found: Findings, run_cfg: DictConfig | None) -> Any:
+    steps = found.value("steps")
+    return steps if steps not in (None, UNKNOWN) else Findings(run_cfg).value("diffusion.sample_steps", 25) \
+        if run_cfg is not None else None
+
+
+def unvisited(interval: list, in_t: bool, run_cfg: DictConfig | None, steps: Any) -> str | None:
+    """Why no step of the sampler's grid falls in the interval (None when one does, or when unknown)."""
+    schedule = run_schedule(run_cfg)
+    if schedule is None or not isinstance(steps, int) or steps < 1:
+        return None
+    try:
+        times = schedule.timesteps(steps)[:-1]  # where the network is called (heun's extra calls are among them)
+    except ValueError:  # too many steps for a discrete schedule: its own check says so
+        return None
+    inside = NoiseInterval(*map(float, interval), in_t=in_t).inside(schedule, times)
+    if inside.any():
+        return None
+    if in_t:
+        return f"none of the {steps} sampler steps' times ({times.min():.3g} to {times.max():.3g}) is in it"
+    levels = noise_level(schedule, times)
+    return (f"none of the {steps} sampler steps' noise levels sigma/alpha ({levels.min():.3g} to "
+            f"{levels.max():.4g}) is in ({interval[0]:g}, {interval[1]:g}]")
+
+
+def run_schedule(run_cfg: DictConfig | None):
+    """The run's schedule (no network), built once its targets pass the allow-list; None when it cannot be."""
     if run_cfg is None or not OmegaConf.is_dict(run_cfg.get("schedule")):
         return None
     try:
         check_run_config(run_cfg.schedule, source="the run's schedule")
-        schedule = hydra.utils.instantiate(run_cfg.schedule)
-        return float(noise_level(schedule, torch.ones(1, dtype=torch.float64)))
+        return hydra.utils.instantiate(run_cfg.schedule)
     except (UserError, Exception):  # an untrusted or broken schedule: loading the run reports it in its own words
         return None
 
