@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.guidance import Guidance
+from ldm.guidance import Guidance, as_guidance
 from ldm.utils.errors import ConfigError, UserError
 from ldm.utils.noise import step_seed
 
@@ -88,8 +88,12 @@ class SamplingSettings:
 
     sampler: object
     steps: int
-    guidance: Guidance
+    guidance: Guidance  # a number is classifier-free guidance of that scale
     seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.guidance, Guidance):
+            self.guidance = as_guidance(float(self.guidance), 1.0)
 
     @property
     def nfe(self) -> int:
