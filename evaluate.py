@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 import ldm  # noqa: F401  (registers the config resolvers)
 from ldm.checks.hydra import created_run_dir
 from ldm.checks.overrides import override_problems
+from ldm.run.renamed import guidance_arguments
 from ldm.utils.errors import ConfigError, exit_for, reported_user_errors
 
 
@@ -22,6 +23,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    if problems := override_problems(sys.argv[1:], "evaluate"):
+    sys.argv[1:], problems = guidance_arguments(sys.argv[1:])  # guidance=G is guidance.scale=G
+    if problems := problems or override_problems(sys.argv[1:], "evaluate"):
         exit_for(ConfigError(problems))
     main()

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 import ldm  # noqa: F401  (registers the config resolvers)
 from ldm.checks.overrides import override_problems
+from ldm.run.renamed import guidance_arguments
 from ldm.utils.errors import ConfigError, exit_for, reported_user_errors
 
 
@@ -20,6 +21,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if problems := override_problems(sys.argv[1:], "sample"):
+    sys.argv[1:], problems = guidance_arguments(sys.argv[1:])  # guidance=G is guidance.scale=G
+    if problems := problems or override_problems(sys.argv[1:], "sample"):
         exit_for(ConfigError(problems))
     main()

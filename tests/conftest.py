@@ -41,9 +41,16 @@ TINY = [
 
 
 def compose_config(overrides: list[str], output_dir: Path | None = None, name: str = "train") -> DictConfig:
+    """The config the entry point composes from these command-line arguments (`guidance=G` is guidance.scale=G)."""
+    from ldm.run.renamed import guidance_arguments
+    from ldm.utils.errors import ConfigError
+
+    overrides, problems = guidance_arguments(list(overrides))
+    if problems:
+        raise ConfigError(problems)
     extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides) + extra)
+        return compose(config_name=name, overrides=overrides + extra)
 
 
 def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int | None = None):

@@ -56,7 +56,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
     torch.save({"state_dict": {}, "payload": ModelBuilt("x")}, tmp_path / "objects.ckpt")
     # what sample.py reads of a run before it is rebuilt: its config
-    for name, overrides in (("class_run", TINY), ("text_run", ["experiment=shapes_text"])):
+    classifier = ["task=classifier", "data.batch_size=32", "data.cache=false"]
+    for name, overrides in (("class_run", TINY), ("text_run", ["experiment=shapes_text"]),
+                            # runs that guidance names: weaker models and classifiers that do not fit class_run
+                            ("edm_run", TINY + ["schedule=edm"]), ("small_run", TINY + ["data.image_size=16"]),
+                            ("uncond_run", TINY + ["conditioner=none"]), ("digits_classifier", classifier),
+                            ("shapes_classifier", classifier + ["data=shapes", "autoencoder=kl_shapes"])):
         (tmp_path / name / ".hydra").mkdir(parents=True)
         OmegaConf.save(compose_config(overrides), tmp_path / name / ".hydra" / "config.yaml")
     names = {"missing": tmp_path / "missing.ckpt"}
@@ -145,7 +150,7 @@ def test_training_config_mistake_gives_one_message(overrides, message, files, no
 # (arguments of `python sample.py` besides run=, a part of the one expected message)
 SAMPLING = [
     (["steps=0"], "steps=0 must be at least 1"),
-    (["guidance=-1"], "guidance=-1 must be at least 0"),
+    (["guidance=-1"], "guidance.scale=-1 must be at least 0"),
     (["n=0"], "n=0 must be at least 1"),
     (["run={text_run}", "prompts=a small red circle"], "prompts='a small red circle' is one string, not a list"),
     (["run={text_run}", "prompts=[]"], "prompts=[]: give a non-empty list of strings"),
@@ -155,8 +160,37 @@ SAMPLING = [
     (["labels=[1.5]"], "labels=[1.5]: 1.5 is not a whole number"),
     (["labels=3"], "labels=3 is not a list"),
     (["prompts=[a red circle]"], "prompts: the run's conditioner reads no captions"),
-    (["guidance_rescale=2"], "guidance_rescale=2 must be in [0, 1]"),
-    (["guidance_interval=[0.9,0.1]"], "guidance_interval=[0.9, 0.1]: give [t_lo, t_hi]"),
+    (["guidance_rescale=2"], "guidance.rescale=2 must be in [0, 1]"),
+    (["guidance_interval=[0.9,0.1]"], "guidance.interval_t=[0.9, 0.1]: give [t_lo, t_hi]"),
+    # the guidance group (conf/guidance): scales, intervals, and the runs it names
+    (["guidance.scale=-2"], "guidance.scale=-2 must be at least 0"),
+    (["guidance=auto", "guidance.weak_checkpoint={tensor}", "guidance.scale=-1"],
+     "guidance.scale=-1 must be at least 0"),
+    (["guidance=classifier", "guidance.classifier_run={digits_classifier}", "guidance.cfg_scale=-1"],
+     "guidance.cfg_scale=-1 must be at least 0"),
+    (["guidance.interval=[5,0.3]"], "guidance.interval=[5, 0.3]: give [sigma_lo, sigma_hi] with sigma_lo < sigma_hi"),
+    (["guidance.interval=[-1,3]"], "guidance.interval=-1 must be at least 0"),
+    (["run={edm_run}", "guidance.interval=[100,200]"], "guidance.interval=[100, 200]: none of the 25 sampler steps' "
+                                                        "noise levels sigma/alpha (0.002 to 80) is in (100, 200]"),
+    (["run={edm_run}", "guidance.interval=[0,0.001]"], "(0.002 to 80) is in (0, 0.001]; nothing would be guided"),
+    (["guidance.interval_t=[0.01,0.03]", "steps=10"], "none of the 10 sampler steps' times (0.1 to 1) is in it"),
+    (["guidance.interval_t=[0.5,1.5]"], "guidance.interval_t=1.5 must be in [0, 1]"),
+    (["guidance.interval=[0.3,5]", "guidance.interval_t=[0.1,0.9]"], "give one, in noise level sigma/alpha"),
+    (["guidance=auto"], "guidance.weak_checkpoint=last is the checkpoint the run samples with (checkpoint=last)"),
+    (["guidance=auto", "guidance.weak_run={small_run}"], "was trained with data.image_size=16, this run with "
+                                                        "data.image_size=32: other latents"),
+    (["guidance=auto", "guidance.weak_run={edm_run}"], "was trained with schedule._target_=ldm.schedules.EDM"),
+    (["guidance=auto", "guidance.weak_run={uncond_run}"], "its model reads the conditions [] with 10 classes, this "
+                                                         "run's ['label'] with 10"),
+    (["guidance=auto", "guidance.weak_run={digits_classifier}"], "is a task=classifier run; give the weaker"),
+    (["guidance=auto", "guidance.weak_run={empty_dir}"], "config.yaml not found: give a training run directory"),
+    (["guidance=auto", "guidance.weak_checkpoint={missing}"], "guidance.weak_checkpoint={missing}: no such file"),
+    (["guidance=classifier"], "guidance=classifier needs guidance.classifier_run=DIR"),
+    (["guidance=classifier", "guidance.classifier_run={class_run}"], "is a task=diffusion run; give a python train.py"),
+    (["guidance=classifier", "guidance.classifier_run={shapes_classifier}"],
+     "was trained with data.channels=3, this run with data.channels=1: another data set"),
+    (["run={uncond_run}", "guidance=classifier", "guidance.classifier_run={digits_classifier}"],
+     "guidance=classifier steers towards class labels, but the run's conditioner reads nothing"),
     (["batch_size=0"], "batch_size=0 must be at least 1"),
     (["checkpoint={missing}"], "missing.ckpt: no such file"),
     (["run={text_run}", "prompts_file={missing}"], "missing.ckpt: no such file; give a text file"),
@@ -308,7 +342,16 @@ def test_sample_command_refuses_a_prompt_string(files, tmp_path):
 def test_guidance_that_is_not_a_number_is_refused_before_sampling(script, files, tmp_path):
     before = set(tmp_path.rglob("*"))
     result = run_command(script, f"run={files['class_run']}", "guidance=nan", cwd=tmp_path)
-    assert_refused(result, "guidance=nan is not a finite number")
+    assert_refused(result, "guidance.scale=nan is not a finite number")
+    assert_nothing_written(tmp_path, before)
+
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
+def test_an_unknown_guidance_is_refused_before_hydra(script, files, tmp_path):
+    """guidance=G is a kind (conf/guidance) or a number (the classifier-free scale); anything else: one line."""
+    before = set(tmp_path.rglob("*"))
+    result = run_command(script, f"run={files['class_run']}", "guidance=classifer", cwd=tmp_path)
+    assert_refused(result, "guidance=classifer: no such guidance; choose one of auto, cfg, classifier")
     assert_nothing_written(tmp_path, before)
 
 

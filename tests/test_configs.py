@@ -44,7 +44,7 @@ def test_option_composes(group, option, tmp_path):
 def test_sample_config_composes(tmp_path):
     cfg = compose_config(["run=" + str(tmp_path), "sampler=dpmpp_2m", "guidance=3"], name="sample")
     assert cfg.sampler._target_ == "ldm.samplers.DPMSolverPP2M"
-    assert cfg.guidance == 3
+    assert cfg.guidance._target_ == "ldm.guidance.CFG" and cfg.guidance.scale == 3  # guidance=G: the CFG scale
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ldm.contracts.conditioning import Conditioning
-from ldm.samplers import Euler, classifier_free_guidance
+from ldm.guidance import classifier_free_guidance
+from ldm.samplers import Euler
 from ldm.schedules import RectifiedFlow
 
 
@@ -89,3 +90,46 @@ def test_interval_per_sample(setup):
 def test_bad_interval():
     with pytest.raises(ValueError, match="interval"):
         classifier_free_guidance(FakeNet(), Conditioning(), Conditioning(), scale=2.0, interval=(0.8, 0.2))
+
+
+# ---- the guidance group's parts --------------------------------------------------------------------------
+
+def test_an_interval_in_sigma_is_one_in_t_where_the_schedule_has_those_levels():
+    """Flow's sigma/alpha is t / (1 - t): levels (0.25, 3] are t in (0.2, 0.75]."""
+    from ldm.guidance import NoiseInterval
+
+    t = torch.tensor([0.1, 0.2, 0.21, 0.5, 0.75, 0.76, 1.0], dtype=torch.float64)
+    inside = NoiseInterval(0.25, 3.0).inside(RectifiedFlow(), t)
+    assert inside.tolist() == [False, False, True, True, True, False, False]  # t = 1: sigma/alpha is infinite
+
+
+def test_the_config_options_become_the_guidance_they_name():
+    from ldm.guidance import CFG, Classifier, NoiseInterval
+
+    assert CFG(interval=[0.3, 5]).noise_interval() == NoiseInterval(0.3, 5.0)
+    assert CFG(interval_t=[0.1, 0.9]).noise_interval() == NoiseInterval(0.1, 0.9, in_t=True)
+    assert Classifier().noise_interval() is None
+    with pytest.raises(ValueError, match="give one of them"):
+        CFG(interval=[0.3, 5], interval_t=[0.1, 0.9]).noise_interval()
+
+
+def test_records_and_network_batches():
+    from ldm.guidance import Guidance, NoiseInterval, as_guidance
+
+    assert as_guidance(None, 2.5).record()["guidance"] == 2.5 and as_guidance(3, 2.5).scale == 3.0
+    plain = Guidance(scale=1.0)
+    assert (plain.kind, plain.network_batches()) == ("cfg", 1)
+    guided = Guidance(scale=2.0, interval=NoiseInterval(0.3, 5.0), classifier=object(), classifier_scale=4.0)
+    record = guided.record()
+    assert (guided.kind, guided.network_batches()) == ("classifier", 3)
+    assert (record["guidance"], record["guidance_cfg_scale"], record["guidance_interval"]) == (4.0, 2.0, [0.3, 5.0])
+
+
+def test_the_table_tells_guidance_settings_apart():
+    from ldm.evaluation.table import guidance_text
+
+    assert guidance_text({"guidance": 2.0}) == "2"  # records from before the other kinds
+    assert guidance_text({"guidance": 2.0, "guidance_kind": "cfg", "guidance_interval": [0.3, 5.0],
+                          "guidance_interval_in": "sigma"}) == "2 sigma in (0.3, 5]"
+    assert guidance_text({"guidance": 1.0, "guidance_kind": "classifier", "guidance_cfg_scale": 0.0}) == \
+        "classifier 1 (cfg 0)"

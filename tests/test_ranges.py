@@ -29,8 +29,8 @@ from ldm.utils.errors import ConfigError
 
 # options of these groups are composed together, the i-th of each in one config (a config check reports each key
 # on its own, so unrelated options can share a config); the others one option at a time
-JOINED = ["data", "autoencoder", "conditioner", "model", "schedule", "sampler", "trainer", "callbacks", "logger",
-          "hparams_search", "launcher", "debug", "optimizer", "lr_scheduler"]
+JOINED = ["data", "autoencoder", "conditioner", "model", "schedule", "sampler", "guidance", "trainer", "callbacks",
+          "logger", "hparams_search", "launcher", "debug", "optimizer", "lr_scheduler"]
 ALONE = ["schedule/time_sampler", "schedule/loss_weight", "task", "experiment"]
 # presets that start from published weights: the keys they leave for the user to give
 NEEDS = {"experiment=dit_xl2_256": ["dit_weights=/weights/dit.pt", "vae_weights=/weights/vae"],

@@ -94,7 +94,7 @@ def _sample_in_process(trained_run, tmp_path, monkeypatch, *overrides):
     ("steps=0", "steps="),                          # was: the run's own step count
     ("n=0", "n="),
     ("batch_size=-1", "batch_size="),
-    ("guidance=-1", "guidance="),
+    ("guidance=-1", "guidance.scale="),
 ])
 def test_bad_arguments_fail_before_the_model_is_built(trained_run, tmp_path, monkeypatch, override, key):
     from ldm.utils.errors import ConfigError

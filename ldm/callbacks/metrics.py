@@ -22,6 +22,7 @@ from ldm.evaluation.seeded import CAPTION, Conditions, SamplingSettings, index_b
 from ldm.evaluation.sources import ModelSamples, score_indices
 from ldm.evaluation.suites import build_run_suite, compose_metrics, dataset_metrics_option, split_captions
 from ldm.metrics.reference import compute_reference
+from ldm.run.guidance import resolve_guidance
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,11 @@ def own_random_stream(device: torch.device):
 
 class SampleMetrics(L.Callback):
     """`metrics`: an option of conf/metrics (null: the data set's own, digits or shapes; other data sets need one);
-    `sampler`, `steps`, `guidance`: null for the run's own sampler, `diffusion.sample_steps` and `sample_guidance`."""
+    `sampler`, `steps`: null for the run's own sampler and `diffusion.sample_steps`; `guidance`: an option of
+    conf/guidance (the run's `guidance` group), a classifier-free scale, or null for `diffusion.sample_guidance`."""
 
     def __init__(self, num_samples: int = 200, every_n_steps: int | None = None, batch_size: int = 250,
-                 sampler=None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                 sampler=None, steps: int | None = None, guidance=None, seed: int = 0,
                  metrics: str | None = None, metrics_overrides: Sequence[str] = (), reference: str = "train",
                  prompt_table: int = 16):
         if num_samples < 2 or batch_size < 1 or (every_n_steps is not None and every_n_steps < 1):
@@ -48,7 +50,7 @@ class SampleMetrics(L.Callback):
         self.sampler, self.steps, self.guidance, self.seed = sampler, steps, guidance, seed
         self.metrics, self.metrics_overrides = metrics, list(metrics_overrides)
         self.reference, self.prompt_table = reference, prompt_table
-        self.suite = self.conditions = None
+        self.suite = self.conditions = self.guided = None
         self.seconds = 0.0  # spent here during this fit: the overhead of the in-training evaluation
         self._last_slot = -1
 
@@ -75,6 +77,7 @@ class SampleMetrics(L.Callback):
         real = getattr(split, "base", split)  # a cached split holds latents: its data set has the images
         self.suite.set_reference(compute_reference(self.suite.backend.to(pl_module.device), real))
         self.suite.to(pl_module.device)
+        self.guided = resolve_guidance(self.guidance, pl_module)
         self.conditions = Conditions(keys, datamodule.num_classes, split_captions(real) if CAPTION in keys else None)
 
     def on_fit_start(self, trainer, pl_module):
@@ -103,8 +106,8 @@ class SampleMetrics(L.Callback):
 
     def score(self, pl_module, rank: int = 0, world_size: int = 1, kept: dict | None = None) -> dict[str, float]:
         """This rank's share of the samples, drawn with the module's current weights and scored with all ranks'."""
-        settings = SamplingSettings(self.sampler or pl_module.sampler, self.steps or pl_module.sample_steps,
-                                    float(self.guidance if self.guidance is not None else pl_module.sample_guidance),
+        guidance = self.guided if self.guided is not None else resolve_guidance(self.guidance, pl_module)
+        settings = SamplingSettings(self.sampler or pl_module.sampler, self.steps or pl_module.sample_steps, guidance,
                                     seed=self.seed)
         source = ModelSamples(pl_module, self.conditions, settings, self.num_samples)
         for indices in index_batches(self.num_samples, self.batch_size, rank, world_size):

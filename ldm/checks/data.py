@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from ldm.autoencoders.kl import resolve_weights
@@ -242,3 +242,16 @@ def _header_config(path: str) -> dict | None:
         return json.loads(metadata["config"]) if "config" in metadata else None
     except Exception:  # not a safetensors file: loading it reports that with its own message
         return None
+
+
+def condition_facts(run_cfg: DictConfig | None) -> tuple[set[str] | None, int | None]:
+    """The batch keys the run's conditioner reads, and its number of classes (None: unknown)."""
+    if run_cfg is None:
+        return None, None
+    run = Findings(run_cfg)
+    embedders = run.node("conditioner.embedders")
+    embedders = OmegaConf.to_container(embedders, resolve=False) if OmegaConf.is_list(embedders) else []
+    keys = {node.get("input_key", default_argument(node.get("_target_"), "input_key"))
+            for node in embedders if isinstance(node, dict)}
+    num_classes = run.value("data.num_classes")
+    return keys, num_classes if is_int(num_classes) else None

@@ -176,6 +176,9 @@ FLAG = OneOf((True, False))            # a switch (null, where taken, is "the li
 SIGMA_REL = real(0, MAX_SIGMA_REL, minimum_open=True, maximum_open=True, lists=True,
                  hint="EMA lengths relative to the training time; EDM2 tracks [0.05, 0.10]")
 SIZES = whole(1, lists=True)           # an int or one per dimension; channel multipliers
+INTERVAL = real(0, lists=True, hint="noise levels sigma/alpha, e.g. [0.3, 5.0]")
+GUIDANCE_PARTS = {"scale": GUIDANCE, "rescale": real(0, 1, hint="0 is no rescale, 0.7 as in Lin et al."),
+                  "interval": INTERVAL, "interval_t": real(0, 1, lists=True, hint="times, e.g. [0.1, 0.9]")}
 DATA = {"image_size": COUNT, "channels": COUNT, "num_classes": COUNT, "batch_size": COUNT,
         "num_workers": whole(0, hint="0 loads in the main process"), "val_batch_size": COUNT, "seed": SEED,
         "val_fraction": real(0, 1, minimum_open=True, maximum_open=True,
@@ -255,6 +258,16 @@ RANGES: dict[str, dict[str, Rule]] = {
                                                        hint="at most 2 / (pi - 2); > 0 favours middle times")},
     "ldm.schedules.loss_weights.MinSNRWeight": {"gamma": POSITIVE},
     "ldm.schedules.loss_weights.EDMWeight": {"sigma_data": POSITIVE},
+    # guidance, and the classifier of classifier guidance
+    "ldm.guidance.spec.CFG": GUIDANCE_PARTS,
+    "ldm.guidance.spec.Auto": {**GUIDANCE_PARTS, "scale": real(0, hint="1 is unguided, 2 to 3 usual")},
+    "ldm.guidance.spec.Classifier": {**GUIDANCE_PARTS, "scale": real(0, hint="ADM's s: 0 is no classifier, 1 p(x|y)"),
+                                     "cfg_scale": GUIDANCE},
+    "ldm.classifiers.encoder.NoisyClassifier": {
+        "in_channels": COUNT, "num_classes": COUNT,
+        "channels": whole(32, multiple_of=32, hint="GroupNorm of 32 groups: a multiple of 32, e.g. 64"),
+        "channel_mult": SIZES, "num_res_blocks": COUNT, "time_scale": POSITIVE,
+        "dropout": real(0, 1, maximum_open=True)},
     # sampler
     "ldm.samplers.euler_ancestral.EulerAncestral": {"eta": real(0, 1, hint="0 is Euler, 1 full ancestral noise")},
     # data

@@ -30,6 +30,8 @@ CHANGEABLE_ON_RESUME = (
     # speed settings: the same weights and optimizer state, computed faster
     "model.compile", "model.channels_last", "autoencoder.channels_last", "optimizer.fused", "optimizer.foreach",
     "paths", "logger", "hydra",
+    # how the sample grids and metrics are drawn, not the weights
+    "guidance", "callbacks.sample_grid.guidance", "callbacks.sample_metrics.guidance",
 )
 _ABSENT = "(not set)"
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checks.data import default_argument
+from ldm.checks.data import condition_facts
 from ldm.checks.ema import ema_length_problems
-from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
+from ldm.checks.findings import UNKNOWN, Findings, is_int
+from ldm.checks.guidance import guidance_problems
 from ldm.checks.ranges import SEED, check_value, range_problems
 from ldm.checks.run_dir import CONFIG_FILE
 from ldm.checks.weights import published_weight_problems
@@ -42,18 +43,16 @@ def argument_problems(found: Findings, n_minimum: int, n_hint: str) -> None:
     if found.integer("seed", hint="e.g. seed=0") is not UNKNOWN:
         check_value(found, "seed", SEED)
     found.integer("steps", minimum=1, allow_none=True, hint="sampler steps, e.g. steps=25 (null: the run's own)")
-    found.number("guidance", minimum=0, allow_none=True, hint="1 is plain conditional sampling, 0 unconditional, "
-                 "above 1 guided (null: the run's diffusion.sample_guidance)")
-    found.number("guidance_rescale", minimum=0, maximum=1, hint="0 is no rescale, 0.7 as in Lin et al.")
-    interval_problems(found)
 
 
 def run_problems(found: Findings, script: str) -> None:
-    """The run (or preset) exists, and the labels or prompts asked for fit its conditions."""
+    """The run (or preset) exists, the labels or prompts asked for fit its conditions, and the guidance fits it."""
     run_cfg = run_config(found, script)
     keys, num_classes = condition_facts(run_cfg)
     label_problems(found, keys, num_classes, run_cfg)
     prompt_problems(found, keys)
+    own_run = None if OmegaConf.is_missing(found.cfg, "run") else found.value("run")
+    guidance_problems(found, run_cfg, None if own_run is UNKNOWN else own_run, found.value("checkpoint"))
 
 
 def checkpoint_problems(found: Findings, names: tuple[str, ...]) -> None:
@@ -89,16 +88,6 @@ def ema_problems(cfg: DictConfig) -> list[str]:
 def check_sampling(cfg: DictConfig) -> None:
     if problems := sampling_problems(cfg):
         raise ConfigError(problems)
-
-
-def interval_problems(found: Findings) -> None:
-    interval = found.value("guidance_interval")
-    if interval is None or interval is UNKNOWN:
-        return
-    if not (isinstance(interval, list) and len(interval) == 2 and all(map(is_number, interval))
-            and 0 <= interval[0] < interval[1] <= 1):
-        found.add(f"guidance_interval={interval}: give [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1, "
-                  "e.g. guidance_interval=[0.1,0.9], or null (guide at every step)")
 
 
 def run_config(found: Findings, script: str = "sample.py") -> DictConfig | None:
@@ -144,19 +133,6 @@ def preset_run_config(found: Findings, experiment: str) -> DictConfig | None:
         published_weight_problems(weights)
         found.problems.extend(f"preset={experiment}: {line}" for line in weights.problems)
     return None if found.problems else cfg
-
-
-def condition_facts(run_cfg: DictConfig | None) -> tuple[set[str] | None, int | None]:
-    """The batch keys the run's conditioner reads, and its number of classes (None: unknown)."""
-    if run_cfg is None:
-        return None, None
-    run = Findings(run_cfg)
-    embedders = run.node("conditioner.embedders")
-    embedders = OmegaConf.to_container(embedders, resolve=False) if OmegaConf.is_list(embedders) else []
-    keys = {node.get("input_key", default_argument(node.get("_target_"), "input_key"))
-            for node in embedders if isinstance(node, dict)}
-    num_classes = run.value("data.num_classes")
-    return keys, num_classes if is_int(num_classes) else None
 
 
 def class_names_of(run_cfg: DictConfig | None) -> str | None:

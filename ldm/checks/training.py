@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checks.data import data_problems
 from ldm.checks.ema import power_ema_problems, power_ema_switched_off
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
+from ldm.checks.guidance import guidance_problems
 from ldm.checks.hardware import accelerator_problems, precision_package_problems, strategy_name_problems
 from ldm.checks.keys import check_config
 from ldm.checks.loggers import wandb_problems
@@ -139,6 +140,14 @@ def model_problems(found: Findings) -> None:
                       f"multiple of {factor * (downsample if is_int(downsample) else 1)}")
 
 
+def classifier_task_problems(found: Findings) -> None:
+    """task=classifier learns the class labels of the data set: it needs some."""
+    classes = found.value("data.num_classes")
+    if not is_int(classes):
+        found.add(f"task=classifier learns the data's class labels, but data.num_classes={classes}: train it on a "
+                  "labelled data set (e.g. data=digits)")
+
+
 def run_problems(found: Findings) -> None:
     if found.integer("seed", hint="e.g. seed=0") is not UNKNOWN:
         check_value(found, "seed", SEED)  # Lightning's seed_everything takes numpy's seeds only
@@ -160,11 +169,14 @@ def training_problems(cfg: DictConfig) -> list[str]:
     wandb_problems(found)
     optimization_problems(found)
     run_problems(found)
-    data_problems(found, conditioned=task == "diffusion")
+    data_problems(found, conditioned=task in ("diffusion", "classifier"))
+    if task == "classifier":
+        classifier_task_problems(found)
     if task == "diffusion":
         schedule_problems(found)
         model_problems(found)
         published_weight_problems(found)
+        guidance_problems(found, cfg)  # how the sample grids and metrics guide
     resume_problems(found)
     resume_settings_problems(found)
     init_from_problems(found)

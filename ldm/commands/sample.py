@@ -18,6 +18,7 @@ from ldm.checks.sampling import check_sampling, class_names_of
 from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
 from ldm.evaluation.seeded import CAPTION, LABEL, requested_prompts
 from ldm.run.build import build_diffusion
+from ldm.run.guidance import resolve_guidance
 from ldm.run.load import build_run, condition_inputs, preset_sampling, sampling_config
 from ldm.utils.errors import ConfigError
 from ldm.utils.images import make_grid, save_png, to_uint8
@@ -71,6 +72,8 @@ def sample(cfg: DictConfig) -> Path:
     else:
         module = build_run(run_cfg, Path(cfg.run), cfg.checkpoint, device, cfg.get("ema_length"))
     sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else module.sampler
+    own_run = None if preset_sampling(cfg) else cfg.run
+    guidance = resolve_guidance(hydra.utils.instantiate(cfg.guidance), module, own_run, cfg.trusted_targets or ())
     generator = torch.Generator().manual_seed(cfg.seed)
     images = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
@@ -78,8 +81,7 @@ def sample(cfg: DictConfig) -> Path:
         stop = min(start + cfg.batch_size, cfg.n)
         chunk = {k: v[start:stop] for k, v in conditions.items()}
         with autocast:
-            batch = module.sample(chunk, stop - start, sampler=sampler, steps=cfg.steps, guidance=cfg.guidance,
-                                  guidance_rescale=cfg.guidance_rescale, guidance_interval=cfg.guidance_interval,
+            batch = module.sample(chunk, stop - start, sampler=sampler, steps=cfg.steps, guidance=guidance,
                                   generator=generator)
         images.append(to_uint8(batch.float()))
         log.info("sampled %d/%d", stop, cfg.n)  # a line per batch: visible in a piped log too

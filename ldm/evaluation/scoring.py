@@ -30,6 +30,7 @@ from ldm.evaluation.suites import (
     split_captions,
 )
 from ldm.run.build import build_diffusion, resolve_precision
+from ldm.run.guidance import resolve_guidance
 from ldm.run.load import (
     condition_inputs,
     load_post_hoc_ema,
@@ -168,10 +169,10 @@ def run_suite(cfg: DictConfig, data_cfg: DictConfig, keys):
 
 def sampling_settings(cfg: DictConfig, module) -> SamplingSettings:
     sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else module.sampler
-    return SamplingSettings(sampler, cfg.steps if cfg.steps is not None else module.sample_steps,
-                            float(cfg.guidance if cfg.guidance is not None else module.sample_guidance),
-                            float(cfg.guidance_rescale),
-                            list(cfg.guidance_interval) if cfg.guidance_interval is not None else None, int(cfg.seed))
+    own_run = None if preset_sampling(cfg) else cfg.run
+    guidance = resolve_guidance(hydra.utils.instantiate(cfg.guidance), module, own_run, cfg.trusted_targets or ())
+    return SamplingSettings(sampler, cfg.steps if cfg.steps is not None else module.sample_steps, guidance,
+                            int(cfg.seed))
 
 
 def finish(cfg: DictConfig, run_cfg: DictConfig | None, scores: dict, provenance: dict, images: np.ndarray | None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.samplers.guidance import classifier_free_guidance
+from ldm.guidance import Guidance, as_guidance
 from ldm.utils.errors import ConfigError, UserError
 from ldm.utils.noise import step_seed
 
@@ -88,10 +88,12 @@ class SamplingSettings:
 
     sampler: object
     steps: int
-    guidance: float
-    guidance_rescale: float = 0.0
-    guidance_interval: Sequence[float] | None = None
+    guidance: Guidance  # a number is classifier-free guidance of that scale
     seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.guidance, Guidance):
+            self.guidance = as_guidance(float(self.guidance), 1.0)
 
     @property
     def nfe(self) -> int:
@@ -101,9 +103,8 @@ class SamplingSettings:
 
     def record(self) -> dict:
         return {"sampler": type(self.sampler).__name__, "steps": self.steps, "nfe": self.nfe,
-                "guidance": self.guidance, "guidance_rescale": self.guidance_rescale,
-                "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
-                "network_batches_per_image": self.nfe * (1 if self.guidance == 1.0 else 2), "seed": self.seed}
+                **self.guidance.record(), "network_batches_per_image": self.nfe * self.guidance.network_batches(),
+                "seed": self.seed}
 
 
 @torch.no_grad()
@@ -117,9 +118,7 @@ def seeded_samples(module, conditions: dict, indices: Sequence[int], settings: S
     was_training = module.training
     module.eval()
     try:
-        cond, uncond = module.conditioner(conditions), module.conditioner(conditions, force_drop=True)
-        model_fn = classifier_free_guidance(module.predict, cond, uncond, scale=settings.guidance,
-                                            rescale=settings.guidance_rescale, interval=settings.guidance_interval)
+        model_fn = settings.guidance.model_fn(module, conditions)
         noise = starting_noise(indices, module.latent_shape, settings.seed).to(module.device)
         generator = None
         if getattr(settings.sampler, "stochastic", False):

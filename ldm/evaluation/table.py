@@ -28,13 +28,29 @@ def collect(directory: str | Path) -> list[dict]:
         settings = record.get("provenance", {})
         rows.append({"label": label(settings), "nfe": settings.get("nfe"), "steps": settings.get("steps"),
                      "guidance": settings.get("guidance"), **record.get("metrics", {}),
-                     "group": settings.get("wandb_group"), "path": str(path.parent)})
-    # a directory that mixes guidance scales (e.g. a guidance=0 job beside the sweep) gets one curve per scale
-    if len({row["guidance"] for row in rows if row["nfe"] is not None}) > 1:
+                     "group": settings.get("wandb_group"), "path": str(path.parent),
+                     "how_guided": guidance_text(settings)})
+    # a directory that mixes guidance (e.g. a guidance=0 job beside the sweep, or kinds) gets one curve per setting
+    if len({row["how_guided"] for row in rows if row["nfe"] is not None}) > 1:
         for row in rows:
             if row["nfe"] is not None:
-                row["label"] = f"{row['label']} guidance {row['guidance']:g}"
+                row["label"] = f"{row['label']} guidance {row['how_guided']}"
+    for row in rows:
+        del row["how_guided"]
     return sorted(rows, key=lambda row: (row["label"], row["nfe"] if row["nfe"] is not None else -1))
+
+
+def guidance_text(settings: dict) -> str:
+    """`2` for classifier-free scale 2 (as before the other kinds), else the kind, scale and interval."""
+    scale, kind = settings.get("guidance"), settings.get("guidance_kind", "cfg")
+    text = "-" if scale is None else f"{scale:g}"
+    if kind != "cfg":
+        text = f"{kind} {text}" + (f" (cfg {settings['guidance_cfg_scale']:g})" if "guidance_cfg_scale" in settings
+                                   else "")
+    if settings.get("guidance_interval"):
+        low, high = settings["guidance_interval"]
+        text += f" {settings.get('guidance_interval_in', 't')} in ({low:g}, {high:g}]"
+    return text
 
 
 def label(settings: dict) -> str:

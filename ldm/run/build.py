@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.tasks.autoencoder import AutoencoderTraining
+from ldm.tasks.classifier import ClassifierTraining
 from ldm.tasks.diffusion import LatentDiffusion
 
 
@@ -29,6 +30,24 @@ def build_diffusion(cfg: DictConfig):
         lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         seed=cfg.seed,
         **OmegaConf.to_container(cfg.diffusion, resolve=True),
+    )
+
+
+def build_classifier_training(cfg: DictConfig) -> ClassifierTraining:
+    """The noise-conditional classifier of `task=classifier`, on the latents a diffusion run of this config sees
+    (the same autoencoder, drawn from the run's seed, and the same diffusion.scale_factor / shift_factor)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        autoencoder = hydra.utils.instantiate(cfg.autoencoder)
+    latents = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    return ClassifierTraining(
+        autoencoder=autoencoder,
+        classifier=hydra.utils.instantiate(cfg.classifier),
+        schedule=hydra.utils.instantiate(cfg.schedule),
+        image_size=cfg.data.image_size,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        scale_factor=latents.get("scale_factor"), shift_factor=latents.get("shift_factor", 0.0), seed=cfg.seed,
     )
 
 

@@ -23,15 +23,18 @@ from ldm.utils.ema_snapshots import reconstructed, snapshot_folder
 from ldm.utils.errors import UserError
 
 
-def read_run_config(run_dir: str | Path, trusted: Iterable[str] = ()) -> DictConfig:
-    """The run's config, checked against the allow-list before anything in it is resolved."""
+def read_run_config(run_dir: str | Path, trusted: Iterable[str] = (), task: str = "diffusion",
+                    key: str = "run") -> DictConfig:
+    """The run's config, checked against the allow-list before anything in it is resolved; `key` names the
+    argument that gave the directory in errors."""
     run_dir = Path(run_dir)
     config_path = run_dir / ".hydra" / "config.yaml"
     if not config_path.is_file():
-        raise UserError(f"run={run_dir}: {config_path} not found: run= must be a training run directory")
+        raise UserError(f"{key}={run_dir}: {config_path} not found: {key}= must be a training run directory")
     cfg = load_run_config(config_path, trusted)
-    if cfg.get("task", "diffusion") != "diffusion":
-        raise UserError(f"run={run_dir} is a task={cfg.task} run; sampling needs a diffusion run")
+    if cfg.get("task", "diffusion") != task:
+        need = "sampling needs a diffusion run" if task == "diffusion" else f"it must be a task={task} run"
+        raise UserError(f"{key}={run_dir} is a task={cfg.get('task', 'diffusion')} run; {need}")
     return cfg
 
 

@@ -3,7 +3,11 @@ and the modules behind config targets (a run directory made before a move still 
 
 from __future__ import annotations
 
+import re
+
 from omegaconf import DictConfig, OmegaConf
+
+from ldm.utils.config import CONF
 
 RENAMED = {
     "diffusion.lr": "optimizer.lr",
@@ -21,6 +25,46 @@ def renamed_overrides(arguments: list[str]) -> list[str]:
         if key in RENAMED:
             messages.append(f"{key} is now {RENAMED[key]}: write {argument.replace(key, RENAMED[key], 1)}")
     return messages
+
+
+# the guidance keys of sample.py and evaluate.py before guidance was a config group (conf/guidance)
+GUIDANCE_KEYS = {"guidance_rescale": "guidance.rescale", "guidance_interval": "guidance.interval_t"}
+# Hydra's sweep functions, which may wrap the values of an override
+SWEEP_FUNCTIONS = {"range", "choice", "interval", "glob", "sort", "shuffle", "tag", "int", "float", "str", "bool"}
+
+
+def guidance_arguments(arguments: list[str]) -> tuple[list[str], list[str]]:
+    """`guidance=G` with G a number (or numbers to sweep, or null) is the classifier-free scale `guidance.scale=G`,
+    as it was before guidance was a group; `guidance_rescale=` and `guidance_interval=` (in t) moved the same way.
+    Returns the arguments for Hydra and one message per `guidance=` value that is neither an option nor a number."""
+    options = sorted(path.stem for path in (CONF / "guidance").glob("*.yaml"))
+    out, problems = [], []
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        bare = key.lstrip("+~")
+        if bare in GUIDANCE_KEYS and equals:
+            out.append(f"{GUIDANCE_KEYS[bare]}={value}")
+            continue
+        if bare != "guidance" or not equals or key != bare:
+            out.append(argument)
+            continue
+        words = [word for word in re.split(r"[\s,()\[\]=:]+", value) if word and word not in SWEEP_FUNCTIONS]
+        if any(word in options for word in words):
+            out.append(argument)
+        elif all(word == "null" or _is_number(word) for word in words):
+            out.append(f"guidance.scale={value}")
+        else:
+            problems.append(f"guidance={value}: no such guidance; choose one of {', '.join(options)} (conf/guidance), "
+                            "or give a number, the classifier-free scale (guidance=2 sets guidance.scale=2)")
+    return out, problems
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 # modules that moved into the layered packages; a run directory's config may still name the old paths

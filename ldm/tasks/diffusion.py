@@ -6,84 +6,39 @@ module only encodes, conditions, draws t and noise, and takes the weighted loss.
 
 from __future__ import annotations
 
-import itertools
-
 import lightning as L
 import torch
 from torch import nn
 
 from ldm.conditioners import Conditioner, Conditioning
 from ldm.contracts.autoencoder import Autoencoder
-from ldm.contracts.batch import latents_from_batch
+from ldm.guidance import Guidance, as_guidance
 from ldm.models import check_conditioning
 from ldm.models.layers import fuse_attention_keys
-from ldm.samplers.guidance import classifier_free_guidance
+from ldm.tasks.latent_space import LatentSpace
 from ldm.tasks.optim import FusedClipping, make_optimizer, parameter_groups, upgraded_optimizer_state
-from ldm.utils.checkpoint import EMA_KEY, CheckpointError
-from ldm.utils.fingerprint import module_fingerprint
+from ldm.utils.checkpoint import EMA_KEY
 from ldm.utils.noise import randn, step_seed
 
 VAL_SEED = 12345
 
 
-class LatentDiffusion(FusedClipping, L.LightningModule):
+class LatentDiffusion(FusedClipping, LatentSpace, L.LightningModule):
     def __init__(self, autoencoder: Autoencoder, conditioner: Conditioner, denoiser: nn.Module, schedule,
                  sampler, image_size: int, optimizer=None, lr_scheduler=None,
                  scale_factor: float | None = None, shift_factor: float | None = 0.0,
                  sample_steps: int = 25, sample_guidance: float = 1.0, seed: int = 0):
         super().__init__()
         check_conditioning(denoiser, conditioner.provides)
-        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        self.init_latents(autoencoder, image_size, scale_factor, shift_factor)
         self.conditioner = conditioner
         self.denoiser = denoiser
         self.schedule = schedule
         self.sampler = sampler
-        self.latent_shape = autoencoder.latent_shape(image_size)
         # `functools.partial`s from the optimizer / lr_scheduler configs (`_partial_: true`)
         self.make_optimizer = optimizer or torch.optim.AdamW
         self.make_lr_scheduler = lr_scheduler
         self.sample_steps, self.sample_guidance, self.seed = sample_steps, sample_guidance, seed
-        # latents are (z - shift) * scale; measured from the data unless given, and saved in checkpoints
-        self.fixed_scale, self.fixed_shift = scale_factor, shift_factor
-        self.register_buffer("latent_scale", torch.tensor(1.0 if scale_factor is None else float(scale_factor)))
-        self.register_buffer("latent_shift", torch.tensor(0.0 if shift_factor is None else float(shift_factor)))
-        self.register_buffer("latent_stats_ready", torch.tensor(scale_factor is not None and shift_factor is not None))
-        self._fingerprints: dict[str, str] | None = None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.autoencoder.eval()  # frozen first stage: no dropout / norm updates, whatever the trainer does
-        return self
-
-    def full_precision(self):
-        """Latents, noise, x_t, targets and weights stay float32 under any mixed precision."""
-        return torch.autocast(self.device.type, enabled=False)
-
-    # ---- stage 1: images <-> scaled latents -------------------------------------------------------
-    @torch.no_grad()
-    def measure_latent_stats(self, loader, max_batches: int = 20) -> None:
-        """Set shift (mean, when not fixed) and scale so the training latents have the schedule's `data_std`."""
-        if bool(self.latent_stats_ready):
-            return
-        with self.full_precision():
-            batches = itertools.islice(loader, max_batches)
-            z = torch.cat([self.raw_latents(batch).float().cpu() for batch in batches])
-        shift = z.mean() if self.fixed_shift is None else torch.tensor(float(self.fixed_shift))
-        scale = self.schedule.data_std / (z - shift).std() if self.fixed_scale is None else float(self.fixed_scale)
-        self.latent_shift.fill_(float(shift))
-        self.latent_scale.fill_(float(scale))
-        self.latent_stats_ready.fill_(True)
-
-    def raw_latents(self, batch: dict, sample: bool = True, generator: torch.Generator | None = None):
-        return latents_from_batch(batch, self.autoencoder, sample, generator, device=self.device)
-
-    def latents(self, batch: dict, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        with self.full_precision():
-            return (self.raw_latents(batch, sample, generator).float() - self.latent_shift) * self.latent_scale
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(z / self.latent_scale + self.latent_shift).clamp(-1.0, 1.0)
 
     # ---- stage 2: the diffusion loss --------------------------------------------------------------
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -137,21 +92,11 @@ class LatentDiffusion(FusedClipping, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer),
                                                          "interval": "step"}}
 
-    # ---- checkpoints: trained weights only; frozen parts are rebuilt and checked by hash ------------
+    # ---- checkpoints: trained weights only (ldm.tasks.latent_space); older layouts upgraded on load -------
     def frozen_parts(self) -> dict[str, nn.Module]:
         parts = {"autoencoder": self.autoencoder}
         parts.update({f"conditioner.{name}": m for name, m in self.conditioner.frozen_parts().items()})
         return parts
-
-    def frozen_fingerprints(self) -> dict[str, str]:
-        if self._fingerprints is None:  # frozen weights never change: hash them once
-            self._fingerprints = {name: module_fingerprint(m) for name, m in self.frozen_parts().items()}
-        return self._fingerprints
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        prefixes = tuple(f"{name}." for name in self.frozen_parts())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
-        checkpoint["frozen_parts"] = dict(self.frozen_fingerprints())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = self.full_state_dict(checkpoint)
@@ -161,50 +106,6 @@ class LatentDiffusion(FusedClipping, L.LightningModule):
         if "optimizer_states" in checkpoint:
             checkpoint["optimizer_states"] = [upgraded_optimizer_state(self, state)
                                               for state in checkpoint["optimizer_states"]]
-
-    def full_state_dict(self, checkpoint: dict) -> dict[str, torch.Tensor]:
-        """The checkpoint's trained weights plus this module's frozen parts, once their hashes agree."""
-        stored = checkpoint.get("frozen_parts")
-        if stored is None:
-            raise CheckpointError("the checkpoint does not record its frozen parts (autoencoder, frozen text "
-                                  "towers): it was written by an older version of ldm; retrain or re-export it")
-        ours = self.frozen_fingerprints()
-        for name in sorted(set(stored) | set(ours)):
-            if stored.get(name) != ours.get(name):
-                raise CheckpointError(
-                    f"frozen part '{name}' differs from the one this checkpoint was trained with (hash "
-                    f"{ours.get(name)} here, {stored.get(name)} in the checkpoint): check the run's autoencoder "
-                    "and conditioner weight files and seed")
-        frozen = {f"{name}.{key}": value for name, part in self.frozen_parts().items()
-                  for key, value in part.state_dict().items()}
-        full = {**frozen, **checkpoint["state_dict"]}
-        if problem := self.architecture_mismatch(full):
-            raise CheckpointError(f"the checkpoint is of another model than this run's config builds: {problem}")
-        return full
-
-    def architecture_mismatch(self, state: dict[str, torch.Tensor]) -> str | None:
-        """The first tensor whose shape (or presence) differs between `state` and this module, with the config
-        group that sets it; None when they fit. Attention projections stored unfused (older files) are not
-        compared: loading fuses them."""
-        own = self.state_dict()
-        group = {"denoiser": "model", "conditioner": "conditioner", "autoencoder": "autoencoder"}
-
-        def where(name: str) -> str:
-            key = group.get(name.split(".")[0])
-            return f" (set by the {key}.* keys)" if key else ""
-
-        for name, value in own.items():
-            if name in state and tuple(state[name].shape) != tuple(value.shape):
-                return (f"{name} has shape {tuple(state[name].shape)} in the checkpoint and {tuple(value.shape)} "
-                        f"here{where(name)}")
-        fused = (".to_q.", ".to_kv.", ".to_qkv.")
-        missing = [name for name in own if name not in state and not any(part in name for part in fused)]
-        extra = [name for name in state if name not in own and not any(part in name for part in fused)]
-        if missing or extra:
-            name = (missing or extra)[0]
-            side = "the checkpoint has no" if missing else "this model has no"
-            return f"{side} {name}{where(name)}"
-        return None
 
     def load_checkpoint(self, checkpoint: dict, ema: bool = True) -> None:
         """Load a training checkpoint's weights: the EMA average where it has one (and `ema`), else the raw ones."""
@@ -219,19 +120,18 @@ class LatentDiffusion(FusedClipping, L.LightningModule):
 
     # ---- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, conditions: dict, n: int, sampler=None, steps: int | None = None, guidance: float | None = None,
-               guidance_rescale: float = 0.0, guidance_interval=None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw `n` images in [-1, 1] for a batch of conditions (labels, captions, ...)."""
+    def sample(self, conditions: dict, n: int, sampler=None, steps: int | None = None,
+               guidance: Guidance | float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw `n` images in [-1, 1] for a batch of conditions (labels, captions, ...). `guidance`: a `Guidance`
+        (ldm.run.guidance builds one from the `guidance` config), a classifier-free scale, or None for the run's
+        `sample_guidance`."""
         sampler = sampler or self.sampler
         steps = self.sample_steps if steps is None else steps
-        guidance = self.sample_guidance if guidance is None else guidance
+        guidance = as_guidance(guidance, self.sample_guidance)
         conditions = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in conditions.items()}
         was_training = self.training
         self.eval()
-        cond, uncond = self.conditioner(conditions), self.conditioner(conditions, force_drop=True)
-        model_fn = classifier_free_guidance(self.predict, cond, uncond, scale=guidance, rescale=guidance_rescale,
-                                            interval=guidance_interval)
+        model_fn = guidance.model_fn(self, conditions)
         noise = randn((n, *self.latent_shape), generator=generator, device=self.device)
         z = sampler(model_fn, noise, self.schedule, steps, generator=generator)
         self.train(was_training)

@@ -27,6 +27,13 @@ class Gaussian:
         centred = (x_t - alpha * self.mean) @ self.eigvecs
         return self.mean + (gain * centred) @ self.eigvecs.T
 
+    def log_density(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """log p_t(x_t), x_t ~ N(alpha mean, alpha^2 cov + sigma^2 I); (B,)."""
+        alpha, sigma = alpha[:, None], sigma[:, None]
+        var = alpha**2 * self.eigvals + sigma**2  # (B, D) in the eigenbasis
+        centred = (x_t - alpha * self.mean) @ self.eigvecs
+        return -0.5 * ((centred**2 / var) + var.log() + torch.log(torch.tensor(2 * torch.pi))).sum(-1)
+
 
 class GaussianMixture:
     """x0 ~ sum_k w_k N(means[k], std^2 I) in D dimensions."""
@@ -43,6 +50,27 @@ class GaussianMixture:
         gain = alpha * self.std**2 / var
         per_component = self.means + gain[:, None] * (x_t[:, None, :] - alpha[:, None] * self.means)
         return (resp[..., None] * per_component).sum(1)
+
+    def _log_joint(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """log w_k + log N(x_t; alpha mu_k, (alpha^2 std^2 + sigma^2) I), (B, K)."""
+        alpha, sigma = alpha[:, None], sigma[:, None]
+        var = alpha**2 * self.std**2 + sigma**2
+        dist2 = ((x_t[:, None, :] - alpha[:, None] * self.means) ** 2).sum(-1)
+        dim = self.means.shape[1]
+        return self.weights.log().to(x_t) - dist2 / (2 * var) - 0.5 * dim * torch.log(2 * torch.pi * var)
+
+    def log_density(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """log p_t(x_t) of the noised mixture, (B,)."""
+        return torch.logsumexp(self._log_joint(x_t, alpha, sigma), dim=1)
+
+    def log_class_posterior(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """log p(k | x_t) for every component k (the exact noise-conditional classifier), (B, K)."""
+        return torch.log_softmax(self._log_joint(x_t, alpha, sigma), dim=1)
+
+    def component(self, k: int) -> Gaussian:
+        """The k-th component, N(means[k], std^2 I): the data of class k."""
+        dim = self.means.shape[1]
+        return Gaussian(self.means[k], self.std**2 * torch.eye(dim, dtype=self.means.dtype))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)

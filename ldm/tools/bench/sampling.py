@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from ldm.conditioners.class_embedder import ClassEmbedder
 from ldm.contracts.conditioning import Conditioning
-from ldm.samplers import classifier_free_guidance
+from ldm.guidance import classifier_free_guidance
 from ldm.tools.bench.configs import CONF, group_config, train_config
 from ldm.tools.bench.denoisers import LATENT_CHANNELS
 from ldm.tools.bench.measure import Comparison, Member, parameter_count
