@@ -15,12 +15,13 @@ from torch import nn
 from ldm.conditioners import Conditioner, Conditioning
 from ldm.contracts.autoencoder import Autoencoder
 from ldm.contracts.batch import latents_from_batch
+from ldm.finetune.adapters import base_name
 from ldm.models import check_conditioning
 from ldm.models.layers import fuse_attention_keys
 from ldm.samplers.guidance import classifier_free_guidance
 from ldm.tasks.optim import FusedClipping, make_optimizer, parameter_groups, upgraded_optimizer_state
 from ldm.utils.checkpoint import EMA_KEY, CheckpointError
-from ldm.utils.fingerprint import module_fingerprint
+from ldm.utils.fingerprint import module_fingerprint, tensors_fingerprint
 from ldm.utils.noise import randn, step_seed
 
 VAL_SEED = 12345
@@ -49,6 +50,35 @@ class LatentDiffusion(FusedClipping, L.LightningModule):
         self.register_buffer("latent_shift", torch.tensor(0.0 if shift_factor is None else float(shift_factor)))
         self.register_buffer("latent_stats_ready", torch.tensor(scale_factor is not None and shift_factor is not None))
         self._fingerprints: dict[str, str] | None = None
+        self._base_keys: list[str] = []  # a fine-tune's frozen base (ldm.finetune): kept out of checkpoints
+
+    def adapt(self, finetune) -> None:
+        """Apply a fine-tune (ldm.finetune) to the denoiser. With a frozen base (lora, partial), the conditioner's
+        weights join the base, and checkpoints hold only what trains, the base referenced by its hash."""
+        finetune.apply(self.denoiser)
+        if not finetune.has_base:
+            return
+        self.conditioner.requires_grad_(False)
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        frozen = tuple(f"{name}." for name in self.frozen_parts())
+        self._base_keys = [key for key in self.state_dict() if key.startswith(("denoiser.", "conditioner."))
+                           and key not in trainable and not key.startswith(frozen)]
+        self._fingerprints = None
+
+    @property
+    def has_base(self) -> bool:
+        """Whether a fine-tune froze a base that checkpoints reference instead of holding."""
+        return bool(self._base_keys)
+
+    def base_fingerprints(self) -> dict[str, str]:
+        """Hashes of the frozen base's denoiser and conditioner weights, under the names of the unwrapped network."""
+        state, parts = self.state_dict(), {}
+        for part in ("denoiser", "conditioner"):
+            tensors = {base_name(key[len(part) + 1:]): state[key] for key in self._base_keys
+                       if key.startswith(f"{part}.")}
+            if tensors:
+                parts[f"base.{part}"] = tensors_fingerprint(tensors)
+        return parts
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -146,11 +176,13 @@ class LatentDiffusion(FusedClipping, L.LightningModule):
     def frozen_fingerprints(self) -> dict[str, str]:
         if self._fingerprints is None:  # frozen weights never change: hash them once
             self._fingerprints = {name: module_fingerprint(m) for name, m in self.frozen_parts().items()}
+            self._fingerprints.update(self.base_fingerprints())
         return self._fingerprints
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        prefixes = tuple(f"{name}." for name in self.frozen_parts())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        prefixes, base = tuple(f"{name}." for name in self.frozen_parts()), set(self._base_keys)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(prefixes) and k not in base}
         checkpoint["frozen_parts"] = dict(self.frozen_fingerprints())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -171,12 +203,15 @@ class LatentDiffusion(FusedClipping, L.LightningModule):
         ours = self.frozen_fingerprints()
         for name in sorted(set(stored) | set(ours)):
             if stored.get(name) != ours.get(name):
+                check = ("the base the run fine-tuned: its model.weights file or init_from run" if name.startswith("base.")
+                         else "the run's autoencoder and conditioner weight files and seed")
                 raise CheckpointError(
                     f"frozen part '{name}' differs from the one this checkpoint was trained with (hash "
-                    f"{ours.get(name)} here, {stored.get(name)} in the checkpoint): check the run's autoencoder "
-                    "and conditioner weight files and seed")
+                    f"{ours.get(name)} here, {stored.get(name)} in the checkpoint): check {check}")
         frozen = {f"{name}.{key}": value for name, part in self.frozen_parts().items()
                   for key, value in part.state_dict().items()}
+        own = self.state_dict()
+        frozen.update({key: own[key] for key in self._base_keys})
         full = {**frozen, **checkpoint["state_dict"]}
         if problem := self.architecture_mismatch(full):
             raise CheckpointError(f"the checkpoint is of another model than this run's config builds: {problem}")
