@@ -37,7 +37,8 @@ def with_lora(unet: UNet2DConditionModel, name: str, targets=TARGETS, rank: int 
 
 def save_diffusers_lora(unet: UNet2DConditionModel, name: str, config: LoraConfig, directory) -> None:
     """As diffusers' training scripts save it: peft's state dict, and the LoRA config as the file's metadata."""
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=name),
+    layers = get_peft_model_state_dict(unet, adapter_name=name)
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers,
                                               unet_lora_adapter_metadata=config.to_dict())
 
 
@@ -105,8 +106,8 @@ def kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str, t
 def test_a_kohya_file_merges_into_the_weights_diffusers_merges(base, tmp_path):
     unet = UNet2DConditionModel.from_pretrained(base).eval()
     with_lora(unet, "style", alpha=3.0)
-    save_file(kohya({f"unet.{key}": value for key, value in get_peft_model_state_dict(unet, adapter_name="style").items()},
-                    alpha=3.0), tmp_path / "kohya.safetensors")
+    layers = get_peft_model_state_dict(unet, adapter_name="style")
+    save_file(kohya({f"unet.{key}": value for key, value in layers.items()}, alpha=3.0), tmp_path / "kohya.safetensors")
 
     theirs = UNet2DConditionModel.from_pretrained(base).eval()
     state, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path / "kohya.safetensors"))

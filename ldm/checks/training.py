@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks.data import data_problems
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
+from ldm.checks.finetune import finetune_problems, init_from_kind_problems
 from ldm.checks.keys import check_config
 from ldm.checks.other_runs import init_from_problems, resume_settings_problems
 from ldm.checks.ranges import range_problems
@@ -145,9 +146,11 @@ def training_problems(cfg: DictConfig) -> list[str]:
         schedule_problems(found)
         model_problems(found)
         published_weight_problems(found)
+        finetune_problems(found)
     resume_problems(found)
     resume_settings_problems(found)
     init_from_problems(found)
+    init_from_kind_problems(found)
     return found.problems
 
 

@@ -22,7 +22,7 @@ ADAPTER_NAME = "default"  # a run's own adapter; sample.py adds others under the
 class LoRA:
     has_base = True
 
-    def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0, targets: Sequence[str] | None = None,
+    def __init__(self, rank: int = 4, alpha: float = 4.0, dropout: float = 0.0, targets: Sequence[str] | None = None,
                  use_dora: bool = False, adapter: str = "lora"):
         if adapter not in ADAPTERS:
             raise ValueError(f"finetune.adapter={adapter}: choose one of {', '.join(ADAPTERS)}")

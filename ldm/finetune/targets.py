@@ -85,7 +85,13 @@ def matched_modules(network: nn.Module, targets: Sequence[str] | None, leaves: t
 def no_match(target: str, network: nn.Module, leaves: tuple[type, ...]) -> str:
     """One line: the target, that it matches nothing (of the layer types), and the closest module names."""
     names = [name for name, module in network.named_modules() if name and (not leaves or isinstance(module, leaves))]
-    close = difflib.get_close_matches(target, names, n=3, cutoff=0.3) or names[:3]
+
+    def closeness(name: str) -> float:  # against the name's last parts too: a target may name those alone
+        parts = name.split(".")
+        return max(difflib.SequenceMatcher(None, target, ".".join(parts[start:])).ratio()
+                   for start in range(len(parts)))
+
+    close = sorted(names, key=closeness, reverse=True)[:3]  # a stable sort: ties in the network's order
     kinds = f" that an adapter can wrap ({', '.join(kind.__name__ for kind in leaves)})" if leaves else ""
     presets = ", ".join(PRESETS.get(network_kind(network), {})) or "none"
     return (f"finetune.targets: {target!r} matches no module{kinds} of the {network_kind(network)}; the closest "

@@ -203,8 +203,8 @@ class LatentDiffusion(FusedClipping, L.LightningModule):
         ours = self.frozen_fingerprints()
         for name in sorted(set(stored) | set(ours)):
             if stored.get(name) != ours.get(name):
-                check = ("the base the run fine-tuned: its model.weights file or init_from run" if name.startswith("base.")
-                         else "the run's autoencoder and conditioner weight files and seed")
+                check = ("the base the run fine-tuned (its model.weights file or init_from run)"
+                         if name.startswith("base.") else "the run's autoencoder and conditioner weight files and seed")
                 raise CheckpointError(
                     f"frozen part '{name}' differs from the one this checkpoint was trained with (hash "
                     f"{ours.get(name)} here, {stored.get(name)} in the checkpoint): check {check}")
