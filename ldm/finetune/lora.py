@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from ldm.finetune.adapters import tuner_layers
 from ldm.finetune.targets import LAYERS, matched_modules
 
 ADAPTERS = ("lora", "loha", "lokr")
@@ -47,3 +48,8 @@ class LoRA:
     def apply(self, denoiser: nn.Module, adapter_name: str = ADAPTER_NAME) -> None:
         """Wrap the targeted layers in place; peft leaves only the adapter's parameters trainable."""
         inject_adapter_in_model(self.peft_config(denoiser), denoiser, adapter_name=adapter_name)
+        for layer in tuner_layers(denoiser).values():
+            # peft casts a layer's input to the adapter's float32 first (its documented switch turns that off):
+            # under autocast the adapter's matmuls take the autocast dtype anyway, so each layer copied its input
+            # twice for nothing, ~10% of a bf16 step of the default DiT (measured)
+            layer.cast_input_dtype_enabled = False
