@@ -166,3 +166,17 @@ def test_each_bf16_step_casts_the_weights_it_has_now():
 
     alternate({"a": step}, steps=2, warmup=1, device=CPU, precision="bf16")
     assert seen == [16.0, 32.0, 48.0]
+
+
+def test_the_finetune_row_holds_lora_against_full_with_peak_memory():
+    """LoRA trains a few adapter weights and keeps no gradients or AdamW moments of the frozen base: at a tiny batch
+    (activations small) its peak memory is far below full fine-tuning's, whose gradients and two moments triple
+    the weights."""
+    from ldm.tools.bench.finetune import finetune_rows
+
+    [row] = finetune_rows(["fp32"], steps=1, warmup=0, device=CPU, peaks={"fp32": 1e9},
+                          models={"tiny DiT": (["model.depth=2", "model.hidden_size=64"], 2)})
+    assert row["project"]["label"] == "finetune=lora" and row["reference"]["label"] == "finetune=full"
+    assert 0 < row["project"]["params"] < row["reference"]["params"] / 5  # the trained parameters only
+    assert row["memory"]["ratio"] < 0.6, row["memory"]
+    assert row["ratio"] > 0

@@ -76,3 +76,29 @@ def test_a_tracked_post_hoc_ema_length_loads_as_its_last_snapshot(uninterrupted)
     assert max((weights[name] - last[f"0/{name}"]).abs().max().item() for name in weights) < 1e-5
     plain = build_run(compose_config(RUN, uninterrupted), uninterrupted, "last", "cpu")
     assert any(not torch.equal(p, weights[name]) for name, p in plain.named_parameters() if name in weights)
+
+
+def test_a_crashed_lora_run_resumes_to_the_same_adapters_bit_for_bit(trained_run, tmp_path):
+    """A LoRA run on the shared trained run: its checkpoints hold the adapters only, and a restart from them ends
+    with the adapters, their EMA and optimizer state of an uninterrupted run, exactly."""
+    lora = TINY + ["logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=4", "callbacks.sample_grid=null",
+                   "callbacks.sample_metrics=null", "callbacks.noise_levels=null", "+trainer.limit_val_batches=1",
+                   "callbacks.ema.update_starting_at_step=2", "finetune=lora", f"init_from={trained_run}"]
+    train(compose_config(lora, tmp_path / "uninterrupted"))
+    with pytest.raises(Crash):
+        train(compose_config(lora + ["+callbacks.crash._target_=probes.CrashAt", "+callbacks.crash.step=10"],
+                             tmp_path / "crashed"))
+    assert load_checkpoint(tmp_path / "crashed" / "checkpoints" / "last.ckpt")["global_step"] == 8
+    train(compose_config(lora + ["+callbacks.first._target_=probes.FirstStep"], tmp_path / "crashed"))
+    assert FirstStep.seen == 8
+    a = load_checkpoint(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 12
+    assert any(".lora_B." in key and value.abs().max() > 0 for key, value in a["state_dict"].items())  # it trained
+    for key in ("state_dict", "ema_state_dict"):
+        assert a[key].keys() == b[key].keys() and all(".lora_" in name or name.startswith("latent_") for name in a[key])
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key} {name}"
+    for index, state in a["optimizer_states"][0]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer_states"][0]["state"][index][name]), f"optimizer {index} {name}"

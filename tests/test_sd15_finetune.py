@@ -140,3 +140,53 @@ def test_missing_pretrained_dir_is_named():
     result = run("sample.py", "preset=sd15_finetune", "n=1", cwd=ROOT, env=dict(env, PYTHONPATH=str(ROOT)))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: preset=sd15_finetune needs pretrained_dir" in result.stderr
+
+
+def test_lora_on_the_published_unet_stores_adapters_exports_them_and_refuses_another_base(sd_setup, tmp_path):
+    """finetune=lora from model.weights: the checkpoints hold the adapters only, the exported file loads into the
+    published UNet with diffusers' LoRA loader and computes what the run computes, and a changed weights file is
+    refused by its hash."""
+    import shutil
+
+    from ldm.commands.export import export
+    from ldm.contracts.conditioning import Conditioning
+    from ldm.run.load import load_run
+    from ldm.utils.checkpoint import CheckpointError
+
+    base, _, overrides = sd_setup
+    directory = tmp_path / "sd"
+    shutil.copytree(base / "sd", directory)
+    overrides = [item for item in overrides if not item.startswith("pretrained_dir=")] + [
+        f"pretrained_dir={directory}", "finetune=lora", "finetune.targets=[attention,mlp,convs]"]
+    run = tmp_path / "run"
+    train_run(overrides + ["trainer.max_steps=2"], run)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(".lora_" in key for key in checkpoint["state_dict"] if key.startswith("denoiser."))
+    assert "base.denoiser" in checkpoint["frozen_parts"]
+
+    state = checkpoint["state_dict"]
+    generator = torch.Generator().manual_seed(0)
+    for key in state:  # the adapters off their start, where zero up projections would hide a wrong key
+        if ".lora_B." in key:
+            state[key] += 0.1 * torch.randn(state[key].shape, generator=generator)
+    checkpoint.pop("ema_state_dict")
+    torch.save(checkpoint, run / "checkpoints" / "last.ckpt")
+    path = export(str(run), out=str(tmp_path / "export"))
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(directory / "unet").eval()
+    loaded.load_lora_adapter(str(path), prefix="unet")
+    _, trained = load_run(run)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 77, CONTEXT, generator=torch.Generator().manual_seed(1))
+    k = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        ours = trained.denoiser(x, k, Conditioning(tokens=context))
+        theirs = loaded(x, k, encoder_hidden_states=context).sample
+        loaded.disable_adapters()
+        plain = loaded(x, k, encoder_hidden_states=context).sample
+    assert (ours - theirs).abs().max() / theirs.abs().max() < 1e-4
+    assert (plain - theirs).abs().max() / theirs.abs().max() > 1e-2  # the adapters matter
+
+    other = diffusers.UNet2DConditionModel.from_pretrained(directory / "unet")
+    perturb(other, seed=5).save_pretrained(directory / "unet")  # another base in the same place
+    with pytest.raises(CheckpointError, match="frozen part 'base.denoiser' differs"):
+        load_run(run)

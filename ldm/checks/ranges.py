@@ -223,6 +223,9 @@ RANGES: dict[str, dict[str, Rule]] = {
         "attention_resolutions": whole(1, lists=True, hint="downsampling factors 1, 2, 4, ... that get attention"),
         "num_head_channels": whole(1, also=(-1,), hint="-1: model.num_heads sets the heads"),
         "transformer_depth": COUNT, "dropout": real(0, 1, maximum_open=True)},
+    "ldm.finetune.lora.LoRA": {"rank": whole(1, hint="the adapters' rank, e.g. finetune.rank=8"),
+                               "alpha": real(0, minimum_open=True, hint="the update is scaled by alpha / rank, e.g. 8"),
+                               "dropout": real(0, 1, maximum_open=True)},
     # autoencoder
     "ldm.autoencoders.identity.IdentityAutoencoder": {"latent_channels": COUNT, "downsample": COUNT},
     "ldm.autoencoders.kl.KLAutoencoder": {
@@ -273,7 +276,8 @@ RANGES: dict[str, dict[str, Rule]] = {
     # data
     "ldm.data.datamodule.DataModule": DATA,
     "ldm.data.streaming.StreamingDataModule": {**DATA, "global_batch_size": COUNT},
-    "ldm.data.digits.DigitsDataset": {"image_size": COUNT},
+    "ldm.data.digits.DigitsDataset": {"image_size": COUNT, "thicken": whole(0, hint="pixels added to each side of "
+                                                                                    "the strokes, 0: none")},
     "ldm.data.folder.FolderDataset": {"image_size": COUNT, "val_fraction": DATA["val_fraction"], "seed": SEED},
     "ldm.data.imagenet.ImageNetDataset": {"image_size": COUNT, "num_classes": COUNT},
     "ldm.data.shapes.ShapesDataset": {"num_samples": COUNT, "image_size": COUNT, "seed": SEED},

@@ -13,13 +13,15 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checks.data import condition_facts
 from ldm.checks.ema import ema_length_problems
 from ldm.checks.findings import UNKNOWN, Findings, is_int
+from ldm.checks.finetune import lora_source_problems, meta_denoiser
 from ldm.checks.guidance import guidance_problems
 from ldm.checks.ranges import SEED, check_value, range_problems
 from ldm.checks.run_dir import CONFIG_FILE
 from ldm.checks.weights import published_weight_problems
 from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
+from ldm.run.load import read_run_config
 from ldm.run.presets import missing_values, preset_config
-from ldm.utils.errors import ConfigError
+from ldm.utils.errors import ConfigError, UserError
 
 
 def sampling_problems(cfg: DictConfig) -> list[str]:
@@ -29,11 +31,23 @@ def sampling_problems(cfg: DictConfig) -> list[str]:
     run_problems(found, "sample.py")
     checkpoint_problems(found, ("last", "best"))
     post_hoc_ema_problems(found)
+    if not found.problems:
+        lora_source_problems(found, lambda: sampled_denoiser(found.cfg))
     out = found.value("out")
     if out is not None and not str(out).endswith(".npz"):
         found.add(f"out={out}: sample.py writes an .npz archive (and a .png grid beside it); give a name ending "
                   f"in .npz, e.g. out={Path(str(out)).with_suffix('.npz')}")
     return found.problems
+
+
+def sampled_denoiser(cfg: DictConfig):
+    """The denoiser of the run or preset sampled, on the meta device (None when it cannot be built)."""
+    try:
+        run_cfg = preset_config(cfg.preset, list(cfg.get("preset_overrides") or [])) if cfg.get("preset") \
+            else read_run_config(cfg.run, cfg.get("trusted_targets") or ())
+    except UserError:
+        return None
+    return meta_denoiser(run_cfg.model)
 
 
 def argument_problems(found: Findings, n_minimum: int, n_hint: str) -> None:

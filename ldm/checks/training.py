@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checks.data import data_problems
 from ldm.checks.ema import power_ema_problems, power_ema_switched_off
 from ldm.checks.findings import UNKNOWN, Findings, is_int, is_number
+from ldm.checks.finetune import finetune_problems, init_from_kind_problems
 from ldm.checks.guidance import guidance_problems
 from ldm.checks.hardware import accelerator_problems, precision_package_problems, strategy_name_problems
 from ldm.checks.keys import check_config
@@ -177,9 +178,11 @@ def training_problems(cfg: DictConfig) -> list[str]:
         model_problems(found)
         published_weight_problems(found)
         guidance_problems(found, cfg)  # how the sample grids and metrics guide
+        finetune_problems(found)
     resume_problems(found)
     resume_settings_problems(found)
     init_from_problems(found)
+    init_from_kind_problems(found)
     return found.problems
 
 

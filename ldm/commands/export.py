@@ -1,10 +1,12 @@
 """Write a trained run's networks in diffusers' format, so that results leave the project.
 
-    python export.py run=DIR [part=denoiser|autoencoder] [out=DIR] [checkpoint=last] [ema=true]
+    python export.py run=DIR [part=denoiser|autoencoder] [out=DIR] [checkpoint=last] [ema=true] [merge=false]
 
 The denoiser (a `unet_sd`-layout UNet, or a DiT with its class table) goes to `OUT/unet` or
 `OUT/transformer`, the SD autoencoder to `OUT/vae`, each a directory that diffusers'
 `from_pretrained` loads. The EMA weights are written when the checkpoint has them (`ema=false`: raw).
+A `finetune=lora` run's denoiser is its adapter: `OUT/pytorch_lora_weights.safetensors`, which diffusers'
+`load_lora_weights` reads; `merge=true` writes the network with the adapter merged into it instead.
 
 Time: diffusers' `timestep` is the time the run's network sees, `model.time_scale` times the
 schedule's `model_input(x_t, t)` time (for the flow schedule: 1000 t). The denoiser's config.json
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 
 from ldm.autoencoders.sd_vae import SDAutoencoder
+from ldm.finetune.adapters import merge_adapters, tuner_layers
+from ldm.finetune.files import export_lora
 from ldm.models.dit import DiT
 from ldm.models.unet import UNet
 from ldm.run.build import build_diffusion
@@ -71,14 +75,22 @@ def exporter(part: str, module):
 
 
 def export(run: str, part: str = "denoiser", out: str | None = None, checkpoint: str = "last",
-           ema: bool = True) -> Path:
+           ema: bool = True, merge: bool = False) -> Path:
     if part not in PARTS:
         raise UserError(f"part={part}: give one of {', '.join(PARTS)}")
     run_dir = Path(run)
     cfg = read_run_config(run_dir)
     module = build_run(cfg, run_dir, checkpoint, "cpu") if ema else _raw(cfg, run_dir, checkpoint)
-    subfolder, write = exporter(part, module)
     target = Path(out) if out else run_dir / "diffusers"
+    adapted = part == "denoiser" and bool(tuner_layers(module.denoiser))
+    if merge and not adapted:
+        raise UserError(f"merge=true: run={run} has no adapters to merge (a finetune=lora run has); its "
+                        f"{part} is written whole without it")
+    if adapted and not merge:
+        return export_lora(module.denoiser, target)
+    if adapted:
+        merge_adapters(module.denoiser)
+    subfolder, write = exporter(part, module)
     return write(target / subfolder)
 
 
@@ -97,9 +109,11 @@ def parse(argv: list[str]) -> dict[str, str | bool]:
     args: dict[str, str | bool] = {}
     for item in argv:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("run", "part", "out", "checkpoint", "ema"):
-            raise UserError(f"{item}: give key=value with key one of run, part, out, checkpoint, ema")
-        args[key] = value.lower() not in ("false", "0", "no") if key == "ema" else value
+        if not sep or key not in ("run", "part", "out", "checkpoint", "ema", "merge"):
+            raise UserError(f"{item}: give key=value with key one of run, part, out, checkpoint, ema, merge")
+        if key in ("ema", "merge") and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise UserError(f"{item}: {key} takes true or false")
+        args[key] = value.lower() in ("true", "1", "yes") if key in ("ema", "merge") else value
     if "run" not in args:
         raise UserError("run=DIR is missing: the training run directory to export from")
     return args

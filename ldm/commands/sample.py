@@ -17,6 +17,7 @@ from ldm.checks.hydra import CheckSamplingConfig, checked_by_hydra
 from ldm.checks.sampling import check_sampling, class_names_of
 from ldm.conditioners.class_embedder import CLASS_NAMES, class_indices
 from ldm.evaluation.seeded import CAPTION, LABEL, requested_prompts
+from ldm.run.adapters import add_adapters
 from ldm.run.build import build_diffusion
 from ldm.run.guidance import resolve_guidance
 from ldm.run.load import build_run, condition_inputs, preset_sampling, sampling_config
@@ -71,6 +72,9 @@ def sample(cfg: DictConfig) -> Path:
         module = build_diffusion(run_cfg).to(device).eval()
     else:
         module = build_run(run_cfg, Path(cfg.run), cfg.checkpoint, device, cfg.get("ema_length"))
+    if cfg.get("lora"):  # LoRA files and runs on top, each with its scale
+        add_adapters(module, list(cfg.lora), list(cfg.get("lora_scale") or []), cfg.get("trusted_targets") or ())
+        module = module.to(device).eval()
     sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else module.sampler
     own_run = None if preset_sampling(cfg) else cfg.run
     guidance = resolve_guidance(hydra.utils.instantiate(cfg.guidance), module, own_run, cfg.trusted_targets or ())

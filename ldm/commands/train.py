@@ -115,7 +115,9 @@ def train(cfg: DictConfig) -> float | None:
     module = task.prepare(cfg, datamodule, trainer.strategy.root_device)
     if resume_path:
         log.info("resuming from %s (step %d)", resume_path, resume_step)
-    elif cfg.get("init_from"):  # only when the run starts: a rerun of the same command resumes its own last.ckpt
+    elif cfg.get("init_from") and not getattr(module, "has_base", False):
+        # only when the run starts: a rerun of the same command resumes its own last.ckpt (a fine-tune's frozen
+        # base came from init_from when the module was built, ldm.run.build)
         step = init_from_run(module, cfg.init_from)
         log.info("starting from the weights of %s (its step %d), with a fresh optimizer", cfg.init_from, step)
     with job_ranks(trainer, lambda: rank_config(cfg, str(run_dir.resolve()), resume_path)):

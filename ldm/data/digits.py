@@ -62,16 +62,22 @@ def check_fits_in_memory(count: int, image_size: int) -> None:
                            "are 8x8 images, scaled up)"])
 
 
+def thickened(images: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Strokes grown by `pixels` on every side (a grey-level dilation: the brightest value within that distance)."""
+    return F.max_pool2d(images, 2 * pixels + 1, stride=1, padding=pixels) if pixels else images
+
+
 class DigitsDataset(Dataset):
-    """Items: `image` (1, S, S) in [-1, 1] and `label` (0-9)."""
+    """Items: `image` (1, S, S) in [-1, 1] and `label` (0-9). `thicken`: strokes grown by this many pixels, a new
+    domain of the same digits (experiment=digits_lora adapts the default run to it)."""
 
     num_classes = 10
 
-    def __init__(self, split: str = "train", image_size: int = 32):
+    def __init__(self, split: str = "train", image_size: int = 32, thicken: int = 0):
         images, labels = load_digits_8x8()
         index = split_indices(split)
         check_fits_in_memory(len(index), image_size)
-        self.images = to_model_range(images[index], image_size)
+        self.images = thickened(to_model_range(images[index], image_size), thicken)
         self.labels = torch.from_numpy(labels[index])
 
     def __len__(self) -> int:

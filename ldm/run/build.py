@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.finetune import Full
+from ldm.run.init_from import init_from_run
 from ldm.tasks.autoencoder import AutoencoderTraining
 from ldm.tasks.classifier import ClassifierTraining
 from ldm.tasks.diffusion import LatentDiffusion
 
+log = logging.getLogger(__name__)
+
 
 def build_diffusion(cfg: DictConfig):
-    """Instantiate autoencoder, conditioner, denoiser, schedule, sampler and optimizer into a `LatentDiffusion`."""
+    """Instantiate autoencoder, conditioner, denoiser, schedule, sampler and optimizer into a `LatentDiffusion`, and
+    apply the fine-tune (`finetune`): a frozen base (lora, partial) is the denoiser of model.weights, or, with
+    init_from, that run's weights, loaded here, before the adapters wrap it, whenever the run is rebuilt."""
     # frozen parts without a weight file (a random text tower, a fresh VAE) must come out the same
     # whenever the run is rebuilt, so they are drawn from the run's seed, apart from the global stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         autoencoder = hydra.utils.instantiate(cfg.autoencoder)
         conditioner = hydra.utils.instantiate(cfg.conditioner)
-    return LatentDiffusion(
+    module = LatentDiffusion(
         autoencoder=autoencoder,
         conditioner=conditioner,
         denoiser=hydra.utils.instantiate(cfg.model),
@@ -31,6 +39,12 @@ def build_diffusion(cfg: DictConfig):
         seed=cfg.seed,
         **OmegaConf.to_container(cfg.diffusion, resolve=True),
     )
+    finetune = hydra.utils.instantiate(cfg.finetune) if cfg.get("finetune") else Full()
+    if finetune.has_base and cfg.get("init_from"):
+        step = init_from_run(module, cfg.init_from)
+        log.info("base: the weights of %s (its step %d)", cfg.init_from, step)
+    module.adapt(finetune)
+    return module
 
 
 def build_classifier_training(cfg: DictConfig) -> ClassifierTraining:

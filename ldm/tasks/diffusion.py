@@ -41,6 +41,19 @@ class LatentDiffusion(FusedClipping, LatentSpace, L.LightningModule):
         self.sample_steps, self.sample_guidance, self.seed = sample_steps, sample_guidance, seed
 
     # ---- stage 2: the diffusion loss --------------------------------------------------------------
+    def adapt(self, finetune) -> None:
+        """Apply a fine-tune (ldm.finetune) to the denoiser. With a frozen base (lora, partial), the conditioner's
+        weights join the base, and checkpoints hold only what trains, the base referenced by its hash."""
+        finetune.apply(self.denoiser)
+        if not finetune.has_base:
+            return
+        self.conditioner.requires_grad_(False)
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        frozen = tuple(f"{name}." for name in self.frozen_parts())
+        self._base_keys = [key for key in self.state_dict() if key.startswith(("denoiser.", "conditioner."))
+                           and key not in trainable and not key.startswith(frozen)]
+        self._fingerprints = None
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The network's output in the parameterization's target space."""
         x_in, t_in = self.schedule.model_input(x_t, t)

@@ -11,8 +11,9 @@ from torch import nn
 
 from ldm.contracts.autoencoder import Autoencoder
 from ldm.contracts.batch import latents_from_batch
+from ldm.finetune.adapters import base_name
 from ldm.utils.checkpoint import CheckpointError
-from ldm.utils.fingerprint import module_fingerprint
+from ldm.utils.fingerprint import module_fingerprint, tensors_fingerprint
 
 # the config group that sets each top-level part, for errors about a checkpoint of another architecture
 CONFIG_GROUPS = {"denoiser": "model", "conditioner": "conditioner", "autoencoder": "autoencoder",
@@ -32,6 +33,7 @@ class LatentSpace:
         self.register_buffer("latent_shift", torch.tensor(0.0 if shift_factor is None else float(shift_factor)))
         self.register_buffer("latent_stats_ready", torch.tensor(scale_factor is not None and shift_factor is not None))
         self._fingerprints: dict[str, str] | None = None
+        self._base_keys: list[str] = []  # a fine-tune's frozen base (ldm.finetune): kept out of checkpoints
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -74,11 +76,28 @@ class LatentSpace:
     def frozen_fingerprints(self) -> dict[str, str]:
         if self._fingerprints is None:  # frozen weights never change: hash them once
             self._fingerprints = {name: module_fingerprint(m) for name, m in self.frozen_parts().items()}
+            self._fingerprints.update(self.base_fingerprints())
         return self._fingerprints
 
+    @property
+    def has_base(self) -> bool:
+        """Whether a fine-tune froze a base that checkpoints reference instead of holding."""
+        return bool(self._base_keys)
+
+    def base_fingerprints(self) -> dict[str, str]:
+        """Hashes of the frozen base's denoiser and conditioner weights, under the names of the unwrapped network."""
+        state, parts = self.state_dict(), {}
+        for part in ("denoiser", "conditioner"):
+            tensors = {base_name(key[len(part) + 1:]): state[key] for key in self._base_keys
+                       if key.startswith(f"{part}.")}
+            if tensors:
+                parts[f"base.{part}"] = tensors_fingerprint(tensors)
+        return parts
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        prefixes = tuple(f"{name}." for name in self.frozen_parts())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        prefixes, base = tuple(f"{name}." for name in self.frozen_parts()), set(self._base_keys)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(prefixes) and k not in base}
         checkpoint["frozen_parts"] = dict(self.frozen_fingerprints())
 
     def full_state_dict(self, checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -90,12 +109,15 @@ class LatentSpace:
         ours = self.frozen_fingerprints()
         for name in sorted(set(stored) | set(ours)):
             if stored.get(name) != ours.get(name):
+                check = ("the base the run fine-tuned (its model.weights file or init_from run)"
+                         if name.startswith("base.") else "the run's autoencoder and conditioner weight files and seed")
                 raise CheckpointError(
                     f"frozen part '{name}' differs from the one this checkpoint was trained with (hash "
-                    f"{ours.get(name)} here, {stored.get(name)} in the checkpoint): check the run's autoencoder "
-                    "and conditioner weight files and seed")
+                    f"{ours.get(name)} here, {stored.get(name)} in the checkpoint): check {check}")
         frozen = {f"{name}.{key}": value for name, part in self.frozen_parts().items()
                   for key, value in part.state_dict().items()}
+        own = self.state_dict()
+        frozen.update({key: own[key] for key in self._base_keys})
         full = {**frozen, **checkpoint["state_dict"]}
         if problem := self.architecture_mismatch(full):
             raise CheckpointError(f"the checkpoint is of another model than this run's config builds: {problem}")

@@ -320,6 +320,17 @@ def folded_class_table(dit: nn.Module, class_embedder) -> Tensor:
     return dit.vector_embedder(class_embedder.embedding.weight.float())
 
 
+def layer_map(dit: nn.Module) -> dict[str, list[str]]:
+    """Project layer name -> its diffusers module paths, for adapters (to_qkv's parts stack by rows). The time
+    embedder is left out: diffusers keeps a copy of it in every block."""
+    out = {ours: [theirs] for _, theirs, ours in OUTER if not ours.startswith("t_embedder")}
+    for i in range(len(dit.blocks)):
+        for _, theirs, ours in INNER:
+            out[f"blocks.{i}.{ours}"] = ([f"transformer_blocks.{i}.{theirs}"] if theirs else
+                                         [f"transformer_blocks.{i}.attn1.to_{part}" for part in "qkv"])
+    return out
+
+
 def diffusers_state(own: dict[str, Tensor], class_table: Tensor, depth: int) -> dict[str, Tensor]:
     """This project's DiT state dict (and class table) in diffusers' names, each block with its embedder copy."""
     pairs = [(ours, theirs) for _, theirs, ours in OUTER]

@@ -114,6 +114,21 @@ def find_weights(path: str | Path, subfolder: str | None = None) -> tuple[Path, 
                        f"{', '.join(STATE_DICT_FILES)}")
 
 
+def unwrapped_names(names) -> list[str]:
+    """State-dict names as the network has them without adapters around its layers: peft keeps a wrapped layer's own
+    tensors under `LAYER.base_layer.*` and its adapters' beside them, which are left out."""
+    names = list(names)
+    wrapped = {name.split(".base_layer.")[0] for name in (f".{n}" for n in names) if ".base_layer." in name}
+    plain = []
+    for name in names:
+        if ".base_layer." in f".{name}":
+            plain.append(name.replace("base_layer.", "", 1) if name.startswith("base_layer.")
+                         else name.replace(".base_layer.", ".", 1))
+        elif not any(f".{name}".startswith(f"{layer}.") for layer in wrapped):
+            plain.append(name)
+    return plain
+
+
 def with_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix` (e.g. "first_stage_model."), with the prefix removed."""
     return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}

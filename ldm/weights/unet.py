@@ -25,6 +25,7 @@ from ldm.weights.files import (
     find_weights,
     load_mapped,
     read_state_dict,
+    unwrapped_names,
     with_prefix,
 )
 
@@ -109,13 +110,20 @@ def key_map(unet: nn.Module, layout: int) -> dict[str, list[str]]:
     """Project parameter name -> its source names in `layout` (DIFFUSERS or ORIGINAL)."""
     mapping = {}
     for module, ours, theirs in block_names(unet):
-        for local in module.state_dict():
+        for local in unwrapped_names(module.state_dict()):
             mapping[f"{ours}.{local}"] = [f"{theirs[layout]}.{name}" for name in _local_names(module, local, layout)]
-    missing = set(unet.state_dict()) - set(mapping)
+    missing = set(unwrapped_names(unet.state_dict())) - set(mapping)
     if missing:
         raise WeightsError(f"model=UNet: Stable Diffusion weights have no counterpart for {sorted(missing)[:3]}; "
                            f"set model.vector_dim=null (SD UNets take no vector condition)")
     return mapping
+
+
+def layer_map(unet: nn.Module, layout: int = DIFFUSERS) -> dict[str, list[str]]:
+    """Project layer name -> its module paths in `layout`, for adapters (a fused projection's parts stack by rows)."""
+    suffix = ".weight"
+    return {ours[: -len(suffix)]: [name[: -len(suffix)] for name in sources]
+            for ours, sources in key_map(unet, layout).items() if ours.endswith(suffix)}
 
 
 def _split_layout(state: dict[str, torch.Tensor], source: Path) -> tuple[int, dict[str, torch.Tensor]]:

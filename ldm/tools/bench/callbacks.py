@@ -24,7 +24,7 @@ def sample_metrics_rows(precisions: list[str], steps: int, warmup: int, device: 
                         peaks: dict[str, float], overrides: list[str] = ()) -> list[dict]:
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
     with TemporaryDirectory() as cache_dir:
-        cfg, module, datamodule, train_step = build_training(["logger=none", *overrides], cache_dir, device)
+        cfg, module, datamodule, train_step, _ = build_training(["logger=none", *overrides], cache_dir, device)
         callback = hydra.utils.instantiate(cfg.callbacks.sample_metrics)
         callback.on_fit_start(SimpleNamespace(datamodule=datamodule), module)
 

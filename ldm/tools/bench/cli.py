@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ldm.tools.bench import autoencoders, callbacks, data, denoisers, sampling
+from ldm.tools.bench import autoencoders, callbacks, data, denoisers, finetune, sampling
 from ldm.tools.bench.measure import Comparison, measure, release
 from ldm.tools.bench.peak import measure_peaks
 from ldm.tools.bench.report import compare, read_json, table, write_json
 from ldm.tools.bench.timing import PRECISIONS
 from ldm.utils.errors import UserError, reported_user_errors
 
-GROUPS = ("denoisers", "autoencoders", "sampling", "data", "callbacks")
+GROUPS = ("denoisers", "autoencoders", "sampling", "data", "callbacks", "finetune")
 # batch sizes that keep the whole bench to a few minutes on a 2-core CPU
 BATCH_SIZES = {"dit_s": 16, "dit_b": 4, "dit_l": 2, "dit_xl": 2, "unet": 8, "vae": 2, "sampling": 8, "data": 32}
 # --quick: the default run's callback, small
@@ -131,6 +131,11 @@ def run(args: argparse.Namespace) -> dict:
             print("  callbacks: sample metrics of the default run ...", flush=True)
             rows += callbacks.sample_metrics_rows(args.precision, args.steps, args.warmup, device, peaks,
                                                   QUICK_RUN if args.quick else [])
+            release()
+            continue
+        if group == "finetune":
+            print("  finetune: LoRA against full fine-tuning of the default run ...", flush=True)
+            rows += finetune.finetune_rows(args.precision, args.steps, args.warmup, device, peaks, args.batch_size)
             release()
             continue
         for comparison in comparisons(group, args, device, skipped):

@@ -26,7 +26,7 @@ VIT_B_32_TEXT = SHAPES_TEXT + ["conditioner=clip_text", "conditioner.embedders.0
 
 
 def build_training(overrides: list[str], cache_dir: str, device: torch.device):
-    """The configured LatentDiffusion on `device`, its datamodule, and its training step on one batch."""
+    """The configured LatentDiffusion on `device`, its datamodule, its training step on one batch, and its optimizer."""
     cfg = train_config(overrides + ["paths.output_dir=.", f"data.cache_dir={cache_dir}"])
     module = build_diffusion(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -43,12 +43,12 @@ def build_training(overrides: list[str], cache_dir: str, device: torch.device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return cfg, module, datamodule, step
+    return cfg, module, datamodule, step, optimizer
 
 
 def training_member(label: str, overrides: list[str], cache_dir: str, device: torch.device) -> Member:
     """LatentDiffusion's training step (with its optimizer) on one batch of the configured data."""
-    _, module, _, step = build_training(overrides, cache_dir, device)
+    _, module, _, step, _ = build_training(overrides, cache_dir, device)
     return Member(label, step, sum(p.numel() for p in module.parameters() if p.requires_grad))
 
 

@@ -39,6 +39,10 @@ def table(rows: list[dict], peaks: dict[str, float]) -> str:
         cell = [f"{side['label'][:33]:<33} {seconds(side['seconds'])}" if side else "" for side in (project, reference)]
         lines.append(f"{'':4}{row['precision']:<9} {cell[0]:<44} {cell[1]:<44} {ratio} "
                      f"{both(row, 'images_per_s', '.1f'):>13} {both(row, 'gflops_per_s', '.0f'):>13} {mfu:>11}")
+        if row.get("memory"):  # rows that also measure the peak memory of a step (group finetune)
+            memory = row["memory"]
+            lines.append(f"{'':14}peak memory {memory['project'] / 2**20:.1f} MiB / {memory['reference'] / 2**20:.1f} "
+                         f"MiB, ratio {memory['ratio']:.2f}")
     return "\n".join(lines)
 
 
