@@ -133,3 +133,5 @@ def test_the_table_tells_guidance_settings_apart():
                           "guidance_interval_in": "sigma"}) == "2 sigma in (0.3, 5]"
     assert guidance_text({"guidance": 1.0, "guidance_kind": "classifier", "guidance_cfg_scale": 0.0}) == \
         "classifier 1 (cfg 0)"
+    weak = {"guidance": 2.0, "guidance_kind": "auto", "guidance_weak": "/runs/a:/runs/a/x.ckpt:step 250"}
+    assert guidance_text(weak) == "auto 2 (weak a step 250)"

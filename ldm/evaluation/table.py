@@ -47,6 +47,9 @@ def guidance_text(settings: dict) -> str:
     if kind != "cfg":
         text = f"{kind} {text}" + (f" (cfg {settings['guidance_cfg_scale']:g})" if "guidance_cfg_scale" in settings
                                    else "")
+    if settings.get("guidance_weak"):  # "RUN_DIR:CHECKPOINT:step N"
+        run, _, step = settings["guidance_weak"].rsplit(":", 2)
+        text += f" (weak {Path(run).name} {step})"
     if settings.get("guidance_interval"):
         low, high = settings["guidance_interval"]
         text += f" {settings.get('guidance_interval_in', 't')} in ({low:g}, {high:g}]"
