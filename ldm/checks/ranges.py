@@ -354,7 +354,9 @@ def _walk(found: Findings, node: Any, path: str, built_by_code: Mapping[str, str
         target = _callable(node.get("_target_", built_by_code.get(path)))
         rules = RANGES.get(target_name(target), {}) if target is not None else {}
         for key, child in node.items():
-            if key in rules and not _follows_another_key(child):
+            # a node given where a number may stand (`guidance`: a scale or a guidance node) has rules of its own
+            node_of_its_own = isinstance(child, Mapping) and "_target_" in child
+            if key in rules and not _follows_another_key(child) and not node_of_its_own:
                 check_value(found, f"{path}.{key}", rules[key])
             elif key not in HYDRA_KEYS:
                 _walk(found, child, f"{path}.{key}", built_by_code)
