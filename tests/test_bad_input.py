@@ -28,18 +28,6 @@ class ModelBuilt(AssertionError):
     pass
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """A check that builds a part of the model fails the test: the checks read config and cheap facts only."""
-    build = torch.nn.Module.__init__
-
-    def refuse(self, *args, **kwargs):
-        if type(self).__module__.startswith(("ldm.", "open_clip", "lightning")):
-            raise ModelBuilt(f"{type(self).__name__} was built during the config check")
-        build(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", refuse)
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:

@@ -17,7 +17,6 @@ import re
 from collections import Counter
 
 import pytest
-import torch
 from conftest import CONF, compose_config
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -139,18 +138,6 @@ def out_of_range(rule) -> list[object]:
     return [bad] if rule.whole else [bad, math.nan]
 
 
-@pytest.fixture
-def nothing_built(monkeypatch):
-    """Building any part of a model during the check fails the test: the checks read the config only."""
-    build = torch.nn.Module.__init__
-
-    def refuse(self, *args, **kwargs):
-        if type(self).__module__.startswith(("ldm.", "open_clip", "lightning")):
-            raise AssertionError(f"{type(self).__name__} was built during the config check")
-        build(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__init__", refuse)
-
 
 def problems(config: str, cfg) -> list[str]:
     """What the command's own config check says: train.py's, or evaluate.py's (conf/metrics is its group)."""
@@ -163,7 +150,7 @@ def problems(config: str, cfg) -> list[str]:
     return []
 
 
-def test_every_numeric_key_refuses_an_out_of_range_value(nothing_built):
+def test_every_numeric_key_refuses_an_out_of_range_value(no_model):
     """All keys of one composed config get a bad value at once (each is reported on its own line); the values
     of each key are tried in turns."""
     cases = {}

@@ -11,7 +11,7 @@ from torch import nn
 
 from ldm.contracts.autoencoder import Autoencoder
 from ldm.tasks.latent_space import LatentSpace
-from ldm.tasks.optim import FusedClipping, make_optimizer, parameter_groups
+from ldm.tasks.optim import FusedClipping, optimizers_with_schedule
 from ldm.utils.noise import randn, step_seed
 
 VAL_SEED = 54321
@@ -70,11 +70,7 @@ class ClassifierTraining(FusedClipping, LatentSpace, L.LightningModule):
         self.log("val/accuracy", accuracy, prog_bar=True, batch_size=size, sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.make_optimizer, parameter_groups(self), self._trainer)
-        if self.make_lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer),
-                                                         "interval": "step"}}
+        return optimizers_with_schedule(self)
 
     def load_checkpoint(self, checkpoint: dict) -> None:
         self.load_state_dict(self.full_state_dict(checkpoint), strict=True)

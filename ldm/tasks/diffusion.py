@@ -16,7 +16,11 @@ from ldm.guidance import Guidance, as_guidance
 from ldm.models import check_conditioning
 from ldm.models.layers import fuse_attention_keys
 from ldm.tasks.latent_space import LatentSpace
-from ldm.tasks.optim import FusedClipping, make_optimizer, parameter_groups, upgraded_optimizer_state
+from ldm.tasks.optim import (
+    FusedClipping,
+    optimizers_with_schedule,
+    upgraded_optimizer_state,
+)
 from ldm.utils.checkpoint import EMA_KEY
 from ldm.utils.noise import randn, step_seed
 
@@ -99,11 +103,7 @@ class LatentDiffusion(FusedClipping, LatentSpace, L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.make_optimizer, parameter_groups(self), self._trainer)
-        if self.make_lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.make_lr_scheduler(optimizer),
-                                                         "interval": "step"}}
+        return optimizers_with_schedule(self)
 
     # ---- checkpoints: trained weights only (ldm.tasks.latent_space); older layouts upgraded on load -------
     def frozen_parts(self) -> dict[str, nn.Module]:

@@ -130,3 +130,12 @@ def upgraded_optimizer_state(module: nn.Module, state: dict) -> dict:
             index += 1
         param_groups.append({**saved_group, "params": list(range(index - len(group), index))})
     return {"state": moments, "param_groups": param_groups}
+
+
+def optimizers_with_schedule(module) -> torch.optim.Optimizer | dict:
+    """`configure_optimizers` of a task with `make_optimizer` and an optional per-step `make_lr_scheduler`."""
+    optimizer = make_optimizer(module.make_optimizer, parameter_groups(module), module._trainer)
+    if module.make_lr_scheduler is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": module.make_lr_scheduler(optimizer),
+                                                     "interval": "step"}}
